@@ -1,0 +1,285 @@
+"""Experiment configuration: dataclasses are the schema, YAML files are instances, `key=value` overrides on top.
+
+    cfg = load_config("configs/smoke.yaml", ["method.name=st_adapter", "method.bottleneck=128", "train.lr=1e-3"])
+    cfg.to_dict()                              # plain nested dict (what Ray Train / Tune pass around)
+    ExperimentCfg.from_dict(cfg.to_dict())     # round-trips
+
+The method section is resolved through `method.name`. Overriding `method.name` on the command line switches the whole
+method section to that method's defaults (plus any other `method.*` overrides), so one word retargets a run.
+Every error names the source (file or "overrides"), the dotted key, and what was expected.
+
+Imports only stdlib + yaml: the Ray driver validates configs before any worker (or torch) starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the source and the dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class BackboneCfg:
+    name: str = "ViT-B-16"  # open_clip model name, or a path to an open_clip model-config JSON file
+    pretrained: str | None = None  # open_clip pretrained tag or local checkpoint (.pt/.bin/.safetensors); None: random
+    partition: Literal["replicate", "zero3"] = "replicate"  # how training workers hold the frozen weights
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen weights
+
+
+@dataclass
+class MethodCfg:
+    name: str = ""
+    head_dropout: float = 0.5
+
+
+@dataclass
+class LinearProbeCfg(MethodCfg):
+    """Frozen backbone; per-frame CLS (ln_post), mean over time, linear head."""
+
+    name: Literal["linear_probe"] = "linear_probe"
+    head_dropout: float = 0.0
+
+
+@dataclass
+class FullFinetuneCfg(MethodCfg):
+    """Every backbone parameter trains; same head as the linear probe."""
+
+    name: Literal["full_finetune"] = "full_finetune"
+    head_dropout: float = 0.5
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class STAdapterCfg(MethodCfg):
+    """ST-Adapter (Pan et al., NeurIPS 2022, arXiv 2206.13559)."""
+
+    name: Literal["st_adapter"] = "st_adapter"
+    bottleneck: int = 384
+    adapter_layers: int | None = None  # adapters in the last N blocks; None = every block
+    # Paper figure: before MHSA. The released K400 preset (12x384) sits before the MLP; the SSv2 preset (24x384) uses both.
+    position: Literal["pre_attn", "pre_mlp", "both"] = "pre_attn"
+    kernel_t: int = 3  # depthwise temporal conv kernel (kernel_t, 1, 1)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ZeroI2VCfg(MethodCfg):
+    """ZeroI2V (Li, Zhu, Wang; ECCV 2024, arXiv 2310.01324): STDHA + mergeable linear adapters."""
+
+    name: Literal["zeroi2v"] = "zeroi2v"
+    bottleneck: int | None = None  # linear-adapter width; None = width // 4 (192 for ViT-B, 256 for ViT-L)
+    adapter_scale: float = 0.5  # 0.5 in the K400 configs, 1.0 in the SSv2 configs; merge() uses the same value
+    adapter_dropout: float = 0.1
+    adapter_layers: list[int] | None = None  # block indices with adapters + STDHA; None = every block
+    # STDHA: head h of frame t takes keys/values from frame t + stdha_offsets[h]; heads past the list stay spatial.
+    # K400 B/16: [-1, 1]; L/14 K400 8f: [-1, -1, 1, 1]; B/16 SSv2 16f: [-1, 1, -2, 2].
+    stdha_offsets: list[int] = field(default_factory=lambda: [-1, 1])
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class Side4VideoCfg(MethodCfg):
+    """Side4Video (Yao, Wu, Li; arXiv 2311.15769): spatial-temporal side network, no backprop through the backbone."""
+
+    name: Literal["side4video"] = "side4video"
+    head_dropout: float = 0.0
+    side_width: int = 320  # 320 for B/16, 512 for L/14, 576 for E/14
+    side_head_dim: int = 64  # side attention heads = side_width // side_head_dim
+    indices: list[int] | int | None = None  # tapped backbone blocks (timm semantics); one side block per tap
+    tap_order: Literal["norm_linear", "linear_norm"] = "norm_linear"  # CLIP variant / EVA variant
+    kernel_t: int = 3
+    mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class MAdapterCfg(MethodCfg):
+    """M-adapter (Li et al., CVIU 2024) as reconstructed from its abstract: see i2v/methods/m_adapter.py."""
+
+    name: Literal["m_adapter"] = "m_adapter"
+    width: int = 384  # branch width
+    indices: list[int] | int | None = None  # tapped levels; None = every 3rd block ending at the last one
+    kernel_t: int = 3
+    num_heads: int = 6  # temporal attention heads over the per-frame class tokens
+
+
+METHOD_CFGS: dict[str, type[MethodCfg]] = {
+    c.name: c for c in (LinearProbeCfg, FullFinetuneCfg, STAdapterCfg, ZeroI2VCfg, Side4VideoCfg, MAdapterCfg)
+}
+
+
+@dataclass
+class DataCfg:
+    train_shards: str = ""  # brace pattern / URL(s) of WebDataset tar shards, e.g. "data/train-{000000..000031}.tar"
+    val_shards: str = ""
+    num_classes: int = 400
+    frames: int = 8
+    sampler: Literal["segment", "dense"] = "segment"
+    stride: int = 4  # dense sampler: frame stride
+    size: int = 224
+    batch_size: int = 8  # per worker
+    num_workers: int = 2  # DataLoader workers per training worker
+    epoch_clips: int = 0  # clips per epoch over all ranks (resampled mode); 0 = one pass over the shard index
+    shuffle_buffer: int = 256
+    flip: bool = True  # off for direction-sensitive label sets (SSv2, the synthetic benchmark)
+    randaugment: bool = False
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    test_clips: int = 1
+    test_crops: int = 1
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    accum_steps: int = 1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+
+
+@dataclass
+class ExperimentCfg:
+    backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    method: MethodCfg = field(default_factory=Side4VideoCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> ExperimentCfg:
+        return _build(cls, d, "", source)
+
+
+def method_cfg(name: str, source: str = "<dict>", **kwargs) -> MethodCfg:
+    """Builds the config of method `name` with its defaults plus `kwargs`."""
+    return _build(MethodCfg, {"name": name, **kwargs}, "method", source)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentCfg:
+    """Reads a YAML experiment file (or starts from defaults) and applies `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    apply_overrides(raw, overrides)
+    if overrides:
+        source += " + overrides"
+    return ExperimentCfg.from_dict(raw, source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Applies dotted `key=value` strings to a raw nested dict in place; values are parsed as YAML scalars/lists."""
+    parsed = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"overrides: {item!r}: expected key=value, e.g. train.lr=1e-3")
+        parsed.append((key.strip().split("."), yaml.safe_load(value) if value.strip() else None))
+    for keys, value in parsed:
+        # Switching methods resets the method section: the file's fields belong to the old method.
+        if keys == ["method", "name"] and (raw.get("method") or {}).get("name") != value:
+            raw["method"] = {}
+    for keys, value in parsed:
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"overrides: {'.'.join(keys[: i + 1])} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _build(cls: type, d: Any, prefix: str, source: str):
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: {prefix or '<root>'}: expected a mapping, got {d!r}")
+    if cls is MethodCfg:  # resolve the discriminator
+        name = d.get("name", Side4VideoCfg.name)
+        if name not in METHOD_CFGS:
+            raise ConfigError(f"{source}: {prefix}.name: unknown method {name!r}; choose one of {sorted(METHOD_CFGS)}")
+        cls = METHOD_CFGS[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{source}: {key}: unknown key; allowed keys are {sorted(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {prefix or '<root>'}: {e}") from None
+
+
+def _coerce(v: Any, tp: Any, key: str, source: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, key, source)
+    if origin is Literal:
+        if v not in args:
+            raise ConfigError(f"{source}: {key}: {v!r} is not allowed; choose one of {list(args)}")
+        return v
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for a in args:
+            if a is type(None):
+                if v is None:
+                    return None
+                continue
+            try:
+                return _coerce(v, a, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")
+    if origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")
+        return [_coerce(x, args[0], f"{key}[{i}]", source) for i, x in enumerate(v)]
+    if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if tp is float and isinstance(v, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(v, tp) and not (tp is int and isinstance(v, bool)):
+        return v
+    raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")

@@ -1,0 +1,26 @@
+"""Linear probe: the frozen image model's embedding of every frame, averaged over time, then one linear layer.
+
+The weakest temporal baseline: it is invariant to frame order, so it stays at chance on order-only tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from i2v.layers import linear_head
+from i2v.methods import register_method
+from i2v.methods.base import VideoMethod
+
+
+@register_method("linear_probe")
+class LinearProbe(VideoMethod):
+    backbone_no_grad = True
+
+    def __init__(self, cfg, backbone, num_classes, num_frames):
+        super().__init__(cfg, backbone, num_classes, num_frames)
+        self.head = linear_head(backbone.output_dim, num_classes, cfg.head_dropout)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_no_grad):
+            feats = self.backbone.embed_frames(video)  # (B, T, E)
+        return self.head(feats.mean(1).to(self.head[1].weight.dtype))

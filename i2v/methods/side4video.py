@@ -1,0 +1,116 @@
+"""Side4Video (Yao, Wu, Li; arXiv 2311.15769): a narrow spatial-temporal side network fed by the frozen backbone's
+block outputs. The backbone runs under no_grad, so backward never touches it and none of its activations are kept.
+
+    video (B, T, C, H, W) --side patch embed (Conv3d + BN3d)--> side state s (B*T, L, d)
+    for every tapped block j:  tap_j (B, T, 1+L, D) --LN + Linear--> (cls_j, p_j);  s = (s + p_j) / 2;  s = block_j(s, cls_j)
+    s --BN3d--> mean over T, H, W --> Dropout --> Linear --> (B, K)
+
+Side block (CLIP variant, pre-norm): temporal conv branch (BN3d, 1x1x1, depthwise (k,1,1), 1x1x1) + [CLS]-shift
+attention (queries: patch tokens; keys/values: patches + the backbone class token shifted half forward / half
+backward in time) + BN3d -> MLP. The spatial position embedding is shared by all side blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from i2v.layers import from_video_grid, linear_head, to_video_grid
+from i2v.methods import register_method
+from i2v.methods.base import VideoMethod
+
+
+def shift_class_token(cls: torch.Tensor, T: int) -> torch.Tensor:
+    """(B*T, 1, d): channels [0, d/2) take frame t+1, [d/2, d) take frame t-1, zeros past the clip ends."""
+    c = cls.unflatten(0, (-1, T))  # (B, T, 1, d)
+    half = c.shape[-1] // 2
+    out = torch.zeros_like(c)
+    out[:, :-1, :, :half] = c[:, 1:, :, :half]
+    out[:, 1:, :, half:] = c[:, :-1, :, half:]
+    return out.flatten(0, 1)
+
+
+class SideBlock(nn.Module):
+    def __init__(self, d: int, heads: int, grid: tuple[int, int], kernel_t: int, mlp_ratio: float, depth: int):
+        super().__init__()
+        self.grid = grid
+        self.temporal = nn.Sequential(
+            nn.BatchNorm3d(d),
+            nn.Conv3d(d, d, 1),
+            nn.Conv3d(d, d, (kernel_t, 1, 1), padding=(kernel_t // 2, 0, 0), groups=d),
+            nn.Conv3d(d, d, 1),
+        )
+        self.ln_attn = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.bn_mlp = nn.BatchNorm3d(d)
+        hidden = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        # CLIP's init scheme, as in the reference side network
+        nn.init.normal_(self.attn.in_proj_weight, std=d**-0.5)
+        nn.init.normal_(self.attn.out_proj.weight, std=d**-0.5 * (2 * depth) ** -0.5)
+        nn.init.normal_(self.mlp[0].weight, std=(2 * d) ** -0.5)
+        nn.init.normal_(self.mlp[2].weight, std=d**-0.5 * (2 * depth) ** -0.5)
+
+    def forward(self, s: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
+        """s: (B*T, L, d) side state; cls: (B*T, 1, d) projected backbone class token; pos: (L, d)."""
+        s = s + from_video_grid(self.temporal(to_video_grid(s, T, self.grid)))
+        kv = self.ln_attn(torch.cat([shift_class_token(cls, T), s + pos], dim=1))  # (B*T, 1+L, d)
+        s = s + self.attn(kv[:, 1:], kv, kv, need_weights=False)[0]
+        return s + self.mlp(from_video_grid(self.bn_mlp(to_video_grid(s, T, self.grid))))
+
+
+@register_method("side4video")
+class Side4Video(VideoMethod):
+    backbone_no_grad = True
+
+    def __init__(self, cfg, backbone, num_classes, num_frames):
+        super().__init__(cfg, backbone, num_classes, num_frames)
+        d, D = cfg.side_width, backbone.width
+        if d % cfg.side_head_dim:
+            raise ValueError(f"method.side_width: {d} must be a multiple of method.side_head_dim={cfg.side_head_dim}")
+        if num_frames < cfg.kernel_t:
+            raise ValueError(f"data.frames: {num_frames} is shorter than method.kernel_t={cfg.kernel_t}")
+        self.indices = backbone.take_indices(cfg.indices)
+        grid, patch = backbone.grid_size, backbone.image_size[0] // backbone.grid_size[0]
+        self.patch_embed = nn.Sequential(
+            nn.Conv3d(3, d, (3, patch, patch), stride=(1, patch, patch), padding=(1, 0, 0)), nn.BatchNorm3d(d)
+        )
+        self.pos = nn.Parameter(torch.randn(grid[0] * grid[1], d) * 0.01)
+        self.taps = nn.ModuleList(self._tap(D, d, cfg.tap_order) for _ in self.indices)
+        self.blocks = nn.ModuleList(
+            SideBlock(d, d // cfg.side_head_dim, grid, cfg.kernel_t, cfg.mlp_ratio, len(self.indices))
+            for _ in self.indices
+        )
+        self.post_bn = nn.BatchNorm3d(d)
+        self.head = linear_head(d, num_classes, cfg.head_dropout)
+        self.grid = grid
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    @staticmethod
+    def _tap(D: int, d: int, order: str) -> nn.Sequential:
+        linear = nn.Linear(D, d)
+        nn.init.normal_(linear.weight, std=(2 * d) ** -0.5)
+        return nn.Sequential(nn.LayerNorm(D), linear) if order == "norm_linear" else nn.Sequential(linear, nn.LayerNorm(d))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos"}
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        B, T = video.shape[:2]
+        with torch.no_grad():
+            patches, prefix = self.backbone(video, self.indices)  # lists of (B, T, L, D), (B, T, 1, D)
+        dtype = self.pos.dtype
+        s = from_video_grid(self.patch_embed(video.transpose(1, 2).to(dtype)))  # (B*T, L, d)
+        for tap, block, p, c in zip(self.taps, self.blocks, patches, prefix, strict=True):
+            t = tap(torch.cat([c[:, :, :1], p], dim=2).flatten(0, 1).to(dtype))  # (B*T, 1+L, d)
+            s = 0.5 * s + 0.5 * t[:, 1:]
+            if self.grad_checkpointing and self.training:
+                s = checkpoint(block, s, t[:, :1], self.pos, T, use_reentrant=False)
+            else:
+                s = block(s, t[:, :1], self.pos, T)
+        pooled = self.post_bn(to_video_grid(s, T, self.grid)).mean((2, 3, 4))  # (B, d)
+        return self.head(pooled)
