@@ -21,7 +21,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -96,12 +95,17 @@ def load_visual_state_dict(visual: nn.Module, path: str) -> None:
     sd = open_clip.factory.load_state_dict(path)
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
-    missing, unexpected = visual.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    own = visual.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
         raise ValueError(
-            f"backbone.pretrained: {path} does not match the vision tower: {len(missing)} missing keys "
-            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+            f"backbone.pretrained: {path} does not match the vision tower: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(wrong)} shape mismatches {wrong[:5]}"
         )
+    visual.load_state_dict(sd)
 
 
 class VideoBackbone(nn.Module):

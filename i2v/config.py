@@ -69,7 +69,7 @@ class STAdapterCfg(MethodCfg):
     name: Literal["st_adapter"] = "st_adapter"
     bottleneck: int = 384
     adapter_layers: int | None = None  # adapters in the last N blocks; None = every block
-    # Paper figure: before MHSA. The released K400 preset (12x384) sits before the MLP; the SSv2 preset (24x384) uses both.
+    # Paper figure: before MHSA. Released presets: K400 12x384 before the MLP; SSv2 24x384 before both.
     position: Literal["pre_attn", "pre_mlp", "both"] = "pre_attn"
     kernel_t: int = 3  # depthwise temporal conv kernel (kernel_t, 1, 1)
     grad_checkpointing: bool = False

@@ -2,6 +2,6 @@
 
 from i2v.layers.adapters import LinearAdapter, STAdapter
 from i2v.layers.heads import linear_head
-from i2v.layers.temporal import temporal_shift, to_video_grid, from_video_grid
+from i2v.layers.temporal import from_video_grid, temporal_shift, to_video_grid
 
 __all__ = ["LinearAdapter", "STAdapter", "linear_head", "temporal_shift", "to_video_grid", "from_video_grid"]

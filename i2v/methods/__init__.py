@@ -1,7 +1,7 @@
 """The method registry: one name -> one `VideoMethod` class, built from its config dataclass.
 
-    model = create_model(cfg)                       # ExperimentCfg -> backbone + method
-    list_methods()                                  # ['full_finetune', 'linear_probe', 'm_adapter', ...]
+model = create_model(cfg)                       # ExperimentCfg -> backbone + method
+list_methods()                                  # ['full_finetune', 'linear_probe', 'm_adapter', ...]
 """
 
 from __future__ import annotations

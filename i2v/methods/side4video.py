@@ -2,7 +2,8 @@
 block outputs. The backbone runs under no_grad, so backward never touches it and none of its activations are kept.
 
     video (B, T, C, H, W) --side patch embed (Conv3d + BN3d)--> side state s (B*T, L, d)
-    for every tapped block j:  tap_j (B, T, 1+L, D) --LN + Linear--> (cls_j, p_j);  s = (s + p_j) / 2;  s = block_j(s, cls_j)
+    for every tapped block j:
+        tap_j (B, T, 1+L, D) --LN + Linear--> (cls_j, p_j);  s = (s + p_j) / 2;  s = side_block_j(s, cls_j)
     s --BN3d--> mean over T, H, W --> Dropout --> Linear --> (B, K)
 
 Side block (CLIP variant, pre-norm): temporal conv branch (BN3d, 1x1x1, depthwise (k,1,1), 1x1x1) + [CLS]-shift
@@ -91,7 +92,9 @@ class Side4Video(VideoMethod):
     def _tap(D: int, d: int, order: str) -> nn.Sequential:
         linear = nn.Linear(D, d)
         nn.init.normal_(linear.weight, std=(2 * d) ** -0.5)
-        return nn.Sequential(nn.LayerNorm(D), linear) if order == "norm_linear" else nn.Sequential(linear, nn.LayerNorm(d))
+        return (
+            nn.Sequential(nn.LayerNorm(D), linear) if order == "norm_linear" else nn.Sequential(linear, nn.LayerNorm(d))
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -34,7 +34,8 @@ class STAdapterMethod(VideoMethod):
 
         def adapters(enabled: bool) -> nn.ModuleList:
             return nn.ModuleList(
-                STAdapter(width, cfg.bottleneck, backbone.grid_size, cfg.kernel_t) if enabled and i >= depth - n
+                STAdapter(width, cfg.bottleneck, backbone.grid_size, cfg.kernel_t)
+                if enabled and i >= depth - n
                 else nn.Identity()
                 for i in range(depth)
             )

@@ -1,0 +1,202 @@
+"""Behaviour of every registered method on a tiny backbone (timm tests/test_models.py style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_METHOD, tiny_cfg
+from open_clip.transformer import ResidualAttentionBlock
+
+from i2v.config import ConfigError, load_config
+from i2v.describe import count_flops, describe
+from i2v.layers import LinearAdapter, temporal_shift
+from i2v.methods import METHODS, create_model, list_methods
+
+ALL = list_methods()
+FROZEN_BACKBONE = [m for m in ALL if m != "full_finetune"]
+
+
+def video(B=2, T=4):
+    return torch.randn(B, T, 3, 32, 32)
+
+
+def test_registry_and_test_table_cover_the_same_methods():
+    assert (
+        ALL
+        == sorted(TINY_METHOD)
+        == ["full_finetune", "linear_probe", "m_adapter", "side4video", "st_adapter", "zeroi2v"]
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_backward(name):
+    model = create_model(tiny_cfg(name)).train()
+    logits = model(video())
+    assert logits.shape == (2, 5)
+    logits.logsumexp(-1).sum().backward()
+    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and [n for n, p in trainable.items() if p.grad is None] == []
+    # Zero-initialised outputs (adapter convs, gates) block the gradient of what feeds them at step 0; once they
+    # are non-zero, every trainable parameter must be connected to the loss.
+    _perturb(model)
+    model.zero_grad()
+    model(video()).logsumexp(-1).sum().backward()
+    assert [n for n, p in trainable.items() if not p.grad.abs().sum() > 0] == []
+    if name in FROZEN_BACKBONE:
+        assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
+        assert set(trainable) == {n for n, _ in model.named_parameters() if n in trainable}
+
+
+@pytest.mark.parametrize("name", [m for m in ALL if METHODS[m].backbone_no_grad])
+def test_side_networks_keep_no_backbone_graph(name):
+    model = create_model(tiny_cfg(name)).train()
+    outputs = []
+    model.backbone.register_forward_hook(lambda m, a, o: outputs.extend([*o[0], *o[1]]))  # taps
+    model.backbone.visual.register_forward_hook(lambda m, a, o: outputs.append(o))  # pooled embeddings
+    model(video()).sum().backward()
+    assert outputs and all(t.grad_fn is None and not t.requires_grad for t in outputs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_trainable_state_dict_round_trips(name, tmp_path):
+    model = create_model(tiny_cfg(name)).eval()
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    sd = model.trainable_state_dict()
+    assert not any(k.startswith("backbone.") for k in sd) or name == "full_finetune"
+    torch.save(sd, tmp_path / "t.pt")
+    other = create_model(tiny_cfg(name)).eval()
+    other.backbone.load_state_dict(model.backbone.state_dict())  # same frozen weights, as from a pretrained file
+    other.load_trainable_state_dict(torch.load(tmp_path / "t.pt"))
+    x = video()
+    torch.testing.assert_close(other(x), model(x))
+    with pytest.raises(KeyError, match="missing"):
+        other.load_trainable_state_dict({})
+
+
+@pytest.mark.parametrize("name", [m for m in ALL if m != "zeroi2v"])
+def test_merge_is_identity_elsewhere(name):
+    model = create_model(tiny_cfg(name)).eval()
+    x = video()
+    before = model(x)
+    assert model.merge() is model
+    torch.testing.assert_close(model(x), before)
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_zeroi2v_merge_folds_adapters_exactly(scale):
+    model = create_model(tiny_cfg("zeroi2v", f"method.adapter_scale={scale}")).eval()
+    plain_params = sum(p.numel() for p in model.backbone.parameters())
+    _perturb(model)  # non-trivial adapters, temporal embedding and head
+    x = video()
+    before = model(x)
+    merged = model.merge()
+    assert not any(isinstance(m, LinearAdapter) for m in merged.modules())
+    assert all(type(b) is ResidualAttentionBlock for b in merged.backbone.blocks)
+    assert sum(p.numel() for p in merged.backbone.parameters()) == plain_params
+    assert (merged(x) - before).abs().max() <= 1e-4
+
+
+def test_stdha_adds_no_parameters():
+    with_stdha = create_model(tiny_cfg("zeroi2v", "method.stdha_offsets=[-1,1,-2,2]"))
+    without = create_model(tiny_cfg("zeroi2v", "method.stdha_offsets=[]"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(with_stdha) == count(without)
+
+
+def test_temporal_shift_takes_each_head_from_its_frame():
+    T, hd = 4, 2
+    x = torch.arange(T, dtype=torch.float)[:, None, None].expand(T, 1, 3 * hd).clone()  # value = frame index
+    out = temporal_shift(x, T, [-1, 1], hd).squeeze(1)  # (T, 3*hd)
+    assert out[:, 0].tolist() == [0, 0, 1, 2]  # head 0 <- t-1 (first frame keeps its own)
+    assert out[:, hd].tolist() == [1, 2, 3, 3]  # head 1 <- t+1 (last frame keeps its own)
+    assert out[:, 2 * hd].tolist() == [0, 1, 2, 3]  # head 2 spatial
+
+
+def _image_model_logits(model, x):
+    """The frozen image model, frame by frame, with the method's own head (the paper's starting point)."""
+    _, prefix = model.backbone(x, [-1])
+    cls = prefix[-1][:, :, 0]  # (B, T, D)
+    if model.cfg.name == "st_adapter":
+        return model.head(model.backbone.visual.ln_post(cls.mean(1)))
+    return model.head(model.norm(cls).mean(1))
+
+
+@pytest.mark.parametrize("position", ["pre_attn", "pre_mlp", "both"])
+def test_st_adapter_starts_as_the_image_model(position):
+    model = create_model(tiny_cfg("st_adapter", f"method.position={position}")).eval()
+    x = video()
+    torch.testing.assert_close(model(x), _image_model_logits(model, x))
+
+
+def test_zeroi2v_starts_as_the_image_model():
+    # Zero-initialised adapters and temporal embedding are the identity. STDHA itself has no parameters to zero, so
+    # it changes attention on moving videos; without temporal heads, or on a static clip, the image model is exact.
+    no_shift = create_model(tiny_cfg("zeroi2v", "method.stdha_offsets=[]")).eval()
+    x = video()
+    torch.testing.assert_close(no_shift(x), _image_model_logits(no_shift, x))
+    model = create_model(tiny_cfg("zeroi2v")).eval()
+    static = video(T=1).expand(2, 4, 3, 32, 32)
+    torch.testing.assert_close(model(static), _image_model_logits(model, static))
+    assert not torch.allclose(model(x), _image_model_logits(model, x))  # STDHA is live
+
+
+def test_in_block_methods_refuse_timm_towers():
+    from conftest import TINY_EVA
+
+    with pytest.raises(NotImplementedError, match="side-network methods"):
+        create_model(load_config(None, [f"backbone.name={TINY_EVA}", "method.name=st_adapter"]))
+
+
+@pytest.mark.parametrize(
+    "name, overrides, needle",
+    [
+        ("side4video", ["method.side_width=40"], "side_width: 40 must be a multiple of method.side_head_dim=16"),
+        ("side4video", ["method.kernel_t=5"], "data.frames: 4 is shorter than method.kernel_t=5"),
+        ("m_adapter", ["method.num_heads=3"], "method.width: 32 must be divisible by method.num_heads=3"),
+        ("zeroi2v", ["method.stdha_offsets=[1,1,1,1,1]"], "5 offsets for a 4-head backbone"),
+        ("zeroi2v", ["method.stdha_offsets=[-4]"], "must be smaller than frames=4"),
+        ("st_adapter", ["method.adapter_layers=9"], "adapter_layers: 9 must be in [1, 4]"),
+    ],
+)
+def test_bad_method_settings_name_the_field(name, overrides, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        create_model(tiny_cfg(name, *overrides))
+
+
+# Reference trainable-parameter counts (ViT-B-16, 8 frames, K=400; shared/METHODS.md §5).
+REFERENCE = [
+    ("st_adapter", [], 7_417_744),
+    ("st_adapter", ["method.position=both"], 14_527_888),
+    ("side4video", [], 21_185_232),
+    ("side4video", ["method.side_width=128"], 4_356_624),
+    ("zeroi2v", [], 14_517_136),
+]
+
+
+@pytest.mark.parametrize("name, overrides, expected", REFERENCE)
+def test_vit_b16_trainable_counts_match_the_reference_code(name, overrides, expected):
+    cfg = load_config(None, [f"method.name={name}", "backbone.name=ViT-B-16", *overrides])
+    assert describe(cfg)["trainable_params"] == expected
+
+
+def test_zeroi2v_merged_costs_what_the_image_model_costs():
+    cfg = load_config(None, ["method.name=zeroi2v", "backbone.name=ViT-B-16"])
+    zero = describe(cfg)
+    backbone = create_model(cfg, device="meta").backbone
+    image_model = count_flops(backbone, torch.empty(1, 8, 3, 224, 224, device="meta"))  # 12 blocks x 8 frames
+    assert zero["gflops"] * 1e9 == pytest.approx(image_model + 2 * 768 * 400, rel=1e-9)  # + the linear head
+    assert zero["gflops_unmerged"] > zero["gflops"]
+    assert zero["inference_params"] < zero["total_params"]
+
+
+def test_config_errors_surface_before_building():
+    with pytest.raises(ConfigError):
+        tiny_cfg("st_adapter", "method.bottleneck=1.5")
