@@ -3,7 +3,7 @@ adapters that are folded into the frozen weights after training, so inference co
 
     video -> tokens (B*T, 1+L, D) + temporal embedding (before ln_pre) -> blocks, each:
         x = x + S_Ad(STDHA(T_Ad(LN1(x))));   x = x + Out_Ad(MLP(In_Ad(LN2(x))))
-    -> ln_post (a trainable copy) of the class token per frame -> mean over T -> Dropout -> Linear -> (B, K)
+    -> ln_post (trainable) of the class token per frame -> mean over T -> Dropout -> Linear -> (B, K)
 
 STDHA is the block's own multi-head attention with keys and values of some heads taken from other frames (head h of
 frame t reads frame t + stdha_offsets[h]); it adds no parameters. The backbone blocks stay plain open_clip blocks: the
@@ -12,8 +12,6 @@ adapters live in `self.adapters`, so `merge()` just folds them into the blocks' 
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +65,8 @@ class ZeroI2V(VideoMethod):
             }
         )
         self.head = linear_head(width, num_classes, cfg.head_dropout, std=0.01)
-        # The reference trains ln_post; a trainable copy keeps the backbone itself entirely frozen.
-        self.norm = copy.deepcopy(backbone.visual.ln_post).requires_grad_(True)
+        # As in the reference, the backbone's own ln_post trains: the merged tower then is exactly an open_clip tower.
+        backbone.visual.ln_post.requires_grad_(True)
         self.grad_checkpointing = cfg.grad_checkpointing
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -97,7 +95,7 @@ class ZeroI2V(VideoMethod):
                 x = checkpoint(self._block, i, x, use_reentrant=False)
             else:
                 x = self._block(i, x)
-        cls = self.norm(x[:, 0]).unflatten(0, (B, T))  # (B, T, D)
+        cls = self.backbone.visual.ln_post(x[:, 0]).unflatten(0, (B, T))  # (B, T, D)
         return self.head(cls.mean(1))
 
     @torch.no_grad()
