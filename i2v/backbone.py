@@ -188,18 +188,21 @@ class VideoBackbone(nn.Module):
         take, _ = feature_take_indices(len(self.blocks), indices)
         return sorted(take)
 
-    def forward(
-        self, video: torch.Tensor, indices: int | list[int] | None = None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-layer tokens of a video.
+    def forward(self, video: torch.Tensor, indices: int | list[int] | None = None, pooled: bool = False):
+        """Per-layer tokens of a video, or with `pooled=True` the image embedding of every frame.
+
+        Methods call the backbone through this one entry point, so a ZeRO-3 engine wrapping it sees every use.
 
         Args:
             video: (B, T, C, H, W) normalised frames.
             indices: blocks to return (timm semantics); blocks after the last one are not run.
+            pooled: return `embed_frames(video)` (B, T, output_dim) instead.
 
         Returns:
             (patch tokens, prefix tokens): lists with one (B, T, L, D) / (B, T, P, D) tensor per index, in block order.
         """
+        if pooled:
+            return self.embed_frames(video)
         B, T = video.shape[:2]
         out = self.visual.forward_intermediates(
             video.flatten(0, 1),  # (B*T, C, H, W)

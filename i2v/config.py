@@ -37,6 +37,8 @@ class BackboneCfg:
     pretrained: str | None = None  # open_clip pretrained tag or local checkpoint (.pt/.bin/.safetensors); None: random
     partition: Literal["replicate", "zero3"] = "replicate"  # how training workers hold the frozen weights
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen weights
+    # zero3: parameters smaller than this stay whole on every rank (DeepSpeed's default 1e5; 0 partitions everything)
+    zero3_persistence_threshold: int = 100_000
 
 
 @dataclass
@@ -153,6 +155,11 @@ class TrainCfg:
     seed: int = 0
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
+    keep_checkpoints: int = 2
+    fail_at_step: int = -1  # fault injection: the last worker raises once at this global step (tests, drills)
 
 
 @dataclass

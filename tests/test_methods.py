@@ -46,14 +46,18 @@ def test_forward_backward(name):
         # ZeroI2V trains the tower's own ln_post, as the reference does; nothing else of the backbone trains.
         allowed = {"backbone.visual.ln_post.weight", "backbone.visual.ln_post.bias"} if name == "zeroi2v" else set()
         assert {n for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad} == allowed
-        assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("backbone.") and n not in allowed)
+        assert all(
+            p.grad is None for n, p in model.named_parameters() if n.startswith("backbone.") and n not in allowed
+        )
 
 
 @pytest.mark.parametrize("name", [m for m in ALL if METHODS[m].backbone_no_grad])
 def test_side_networks_keep_no_backbone_graph(name):
     model = create_model(tiny_cfg(name)).train()
     outputs = []
-    model.backbone.register_forward_hook(lambda m, a, o: outputs.extend([*o[0], *o[1]]))  # taps
+    model.backbone.register_forward_hook(
+        lambda m, a, o: outputs.extend([*o[0], *o[1]] if isinstance(o, tuple) else [o])
+    )
     model.backbone.visual.register_forward_hook(lambda m, a, o: outputs.append(o))  # pooled embeddings
     model(video()).sum().backward()
     assert outputs and all(t.grad_fn is None and not t.requires_grad for t in outputs)

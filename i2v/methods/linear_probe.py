@@ -22,5 +22,5 @@ class LinearProbe(VideoMethod):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_no_grad):
-            feats = self.backbone.embed_frames(video)  # (B, T, E)
+            feats = self.backbone(video, pooled=True)  # (B, T, E)
         return self.head(feats.mean(1).to(self.head[1].weight.dtype))

@@ -25,19 +25,28 @@ from i2v.methods.base import VideoMethod
 ADAPTER_SLOTS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
-def stdha(attn: nn.MultiheadAttention, x: torch.Tensor, T: int, offsets: list[int]) -> torch.Tensor:
-    """Multi-head self-attention with per-head temporally shifted keys/values, using `attn`'s own weights.
+class STDHA(nn.Module):
+    """Multi-head self-attention with per-head temporally shifted keys/values, computed with the weights of the
+    block's own `nn.MultiheadAttention` (passed in): head h of frame t reads frame t + offsets[h].
 
-    x: (B*T, N, D) -> (B*T, N, D). The shift is applied after the in-projection, so it commutes with folding an
-    adapter into that projection.
+    Parameter-free. It is a module (not a function) so that ZeRO-3 can gather the in-projection it reads for
+    exactly the duration of its call (`ZeroI2V.zero3_external_parameters`).
     """
-    BT, N, D = x.shape
-    H = attn.num_heads
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # 3 x (B*T, N, D)
-    k, v = temporal_shift(k, T, offsets, D // H), temporal_shift(v, T, offsets, D // H)
-    q, k, v = (t.unflatten(-1, (H, D // H)).transpose(1, 2) for t in (q, k, v))  # (B*T, H, N, D/H)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B*T, N, D)
-    return attn.out_proj(out)
+
+    def __init__(self, offsets: list[int]):
+        super().__init__()
+        self.offsets = list(offsets)
+
+    def forward(self, attn: nn.MultiheadAttention, x: torch.Tensor, T: int) -> torch.Tensor:
+        """x: (B*T, N, D) -> (B*T, N, D). The shift follows the in-projection, so it commutes with folding an adapter
+        into that projection."""
+        BT, N, D = x.shape
+        H = attn.num_heads
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # 3 x (B*T, N, D)
+        k, v = temporal_shift(k, T, self.offsets, D // H), temporal_shift(v, T, self.offsets, D // H)
+        q, k, v = (t.unflatten(-1, (H, D // H)).transpose(1, 2) for t in (q, k, v))  # (B*T, H, N, D/H)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B*T, N, D)
+        return attn.out_proj(out)
 
 
 @register_method("zeroi2v")
@@ -54,6 +63,7 @@ class ZeroI2V(VideoMethod):
         if any(not 0 <= i < depth for i in layers):
             raise ValueError(f"method.adapter_layers: {list(layers)} must index blocks 0..{depth - 1}")
         self.layers = sorted(layers)
+        self.stdha = nn.ModuleList(STDHA(cfg.stdha_offsets if i in self.layers else []) for i in range(depth))
         bottleneck = cfg.bottleneck or width // 4
         self.temporal_embedding = nn.Parameter(torch.zeros(num_frames, width))
         self.adapters: nn.ModuleDict | None = nn.ModuleDict(
@@ -75,15 +85,22 @@ class ZeroI2V(VideoMethod):
     def no_weight_decay(self) -> set[str]:
         return {"temporal_embedding"}
 
+    def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs ZeRO-3 must gather while `module` runs: STDHA reads its block's in-projection."""
+        return [
+            (self.stdha[i], p)
+            for i, blk in enumerate(self.backbone.blocks)
+            for p in (blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        ]
+
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.backbone.blocks[i]
         ad = self.adapters[str(i)] if self.adapters is not None and str(i) in self.adapters else None
-        offsets = self.cfg.stdha_offsets if i in self.layers else []
 
         def through(slot: str, h: torch.Tensor) -> torch.Tensor:
             return ad[slot](h) if ad is not None else h
 
-        h = through("attn_out", stdha(blk.attn, through("attn_in", blk.ln_1(x)), self.num_frames, offsets))
+        h = through("attn_out", self.stdha[i](blk.attn, through("attn_in", blk.ln_1(x)), self.num_frames))
         x = x + blk.ls_1(h)
         return x + blk.ls_2(through("mlp_out", blk.mlp(through("mlp_in", blk.ln_2(x)))))
 

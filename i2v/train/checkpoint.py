@@ -1,0 +1,97 @@
+"""Checkpoints hold only what trains: trainable weights (+ non-backbone buffers), optimizer, schedule, step/epoch,
+RNG and the config. The frozen backbone is never saved (it comes from `backbone.pretrained`).
+
+Layout of a checkpoint directory:
+    state.pt         rank 0: {"model": trainable_state_dict, "optimizer", "scheduler", "epoch", "step",
+                     "step_in_epoch", "rng", "cfg"} (optimizer/scheduler absent under a joint ZeRO-3 engine)
+    engine/          joint ZeRO-3 engine only: DeepSpeed's per-rank shards of trainable weights + optimizer state
+Files are written under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+STATE = "state.pt"
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save(t, directory: Path, epoch: int) -> None:
+    """Called on every rank (a joint ZeRO-3 engine saves and gathers collectively)."""
+    state = {
+        "epoch": epoch,
+        "step": t.step,
+        "step_in_epoch": t.step_in_epoch,
+        "rng": rng_state(),
+        "cfg": t.cfg.to_dict(),
+    }
+    if t.engine is not None:
+        from i2v.train import deepspeed as ds
+
+        ds.save_engine(t.engine, directory / "engine", tag="shards")
+        with ds.gathered(t.model.trainable_parameters()):
+            model = {k: v.detach().clone().cpu() for k, v in t.model.trainable_state_dict().items()}
+    else:
+        model = {k: v.detach().cpu() for k, v in t.model.trainable_state_dict().items()}
+        state["optimizer"] = t.optimizer.state_dict()
+        state["scheduler"] = t.scheduler.state_dict()
+    if _rank() == 0:
+        atomic_save(state | {"model": model}, directory / STATE)
+
+
+def load(t, directory: Path) -> dict:
+    state = torch.load(directory / STATE, map_location="cpu", weights_only=False)  # holds numpy RNG state
+    now = t.cfg.to_dict()
+    for section in ("backbone", "method"):
+        if state["cfg"][section] != now[section]:
+            changed = sorted(k for k in now[section] if state["cfg"][section].get(k) != now[section][k])
+            raise ValueError(
+                f"{directory}: this run was trained with another {section} config (differs in {section}."
+                f"{', '.join(changed)}); resume with the same config or start a new run directory (--out)"
+            )
+    if t.engine is not None:
+        from i2v.train import deepspeed as ds
+
+        ds.load_engine(t.engine, directory / "engine", tag="shards")
+    else:
+        t.model.load_trainable_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def load_trainable(path: str | Path) -> tuple[dict, dict]:
+    """(trainable state dict, config dict) from a checkpoint directory or its state.pt, for eval/predict/export."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: {path} does not exist (expected a checkpoint directory or its {STATE})")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["model"], state["cfg"]

@@ -1,0 +1,206 @@
+"""All of i2v's DeepSpeed code: the frozen backbone partitioned with ZeRO stage 3 across training workers.
+
+Two recipes (measured in shared/SYSTEMS.md §2):
+- A, side networks (`method.backbone_no_grad`): the backbone sits in its own optimizer-less ZeRO-3 engine and runs
+  under no_grad, gathered block by block; the trainable side network trains in plain DDP beside it.
+- B, gradients through the backbone (ST-Adapter, ZeroI2V, full fine-tuning): one joint ZeRO-3 engine over the whole
+  model with an optimizer over the trainable parameters (an optimizer-less engine cannot back-propagate).
+
+The backbone is built under `deepspeed.zero.Init`, so no worker ever materialises it whole; each rank then copies its
+own flat slice of every parameter from a memory-mapped checkpoint (no collectives, no full-model read).
+Only the vision tower is built (CLIP's 0-dim `logit_scale` breaks zero.Init's broadcast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from i2v.backbone import VideoBackbone, build_vision_tower, model_config, resolve_pretrained
+from i2v.config import ExperimentCfg
+
+_logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ds_config(cfg: ExperimentCfg, with_optimizer: bool) -> dict:
+    """The DeepSpeed config, generated from the experiment config (never hand-kept beside it)."""
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,  # required even without an optimizer
+        "gradient_accumulation_steps": cfg.train.accum_steps,
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": cfg.backbone.zero3_persistence_threshold,
+        },
+        "bf16": {"enabled": cfg.backbone.precision == "bf16"},
+        "fp16": {"enabled": cfg.backbone.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if with_optimizer and cfg.train.grad_clip > 0:
+        out["gradient_clipping"] = cfg.train.grad_clip
+    return out
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Random init is wasted work when every weight is loaded afterwards, and under zero.Init it gathers each module
+    (EVA02-E-14: 268 s with init vs 29 s without, SYSTEMS.md §2.5)."""
+    import timm.layers
+    import timm.models.eva
+
+    def noop(*args, **kwargs):
+        return args[0] if args else None
+
+    targets = [(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    targets += [(timm.layers, "trunc_normal_"), (timm.models.eva, "trunc_normal_")]
+    targets += [(timm.models.eva.Eva, "_init_weights"), (timm.models.eva.Eva, "fix_init_weight")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
+    try:
+        for obj, name, _ in saved:
+            setattr(obj, name, noop)
+        yield
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+def _open_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Memory-mapped tensors of a full-CLIP or visual-only checkpoint, keys in vision-tower space."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)  # safetensors maps the file; tensors are materialised on access
+    else:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = sd.get("state_dict", sd)
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+@torch.no_grad()
+def load_partitioned(visual: nn.Module, path: str) -> None:
+    """Copies into every ZeRO-3 parameter only this rank's flat slice of the checkpoint tensor."""
+    sd = _open_checkpoint(path)
+    names = dict(visual.named_parameters())
+    missing, unexpected = sorted(set(names) - set(sd)), sorted(set(sd) - set(names) - set(dict(visual.named_buffers())))
+    if missing or unexpected:
+        raise ValueError(f"backbone.pretrained: {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    rank = dist.get_rank()
+    for name, p in names.items():
+        full = sd[name]
+        if tuple(full.shape) != tuple(p.ds_shape):
+            raise ValueError(
+                f"backbone.pretrained: {path}: {name} has shape {tuple(full.shape)}, expected {p.ds_shape}"
+            )
+        if getattr(p, "ds_persist", False):  # below the persistence threshold: every rank holds it whole
+            p.data.copy_(full.to(p.dtype))
+        n = p.ds_tensor.numel()
+        chunk = full.reshape(-1)[rank * n : (rank + 1) * n]
+        p.ds_tensor.data[: chunk.numel()].copy_(chunk.to(p.ds_tensor.dtype))
+    for name, b in visual.named_buffers():  # buffers (e.g. RoPE tables) are not partitioned
+        if name in sd:
+            b.copy_(sd[name].to(b.dtype))
+
+
+def build_partitioned_backbone(cfg: ExperimentCfg) -> VideoBackbone:
+    """The frozen vision tower, partitioned over the current process group as it is built."""
+    import deepspeed
+
+    path, quick_gelu = resolve_pretrained(cfg.backbone.name, cfg.backbone.pretrained)
+    init = skip_init() if path else contextlib.nullcontext()
+    with init, deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, False), dtype=DTYPES[cfg.backbone.precision]):
+        visual = build_vision_tower(cfg.backbone.name, quick_gelu=quick_gelu)
+    if path:
+        load_partitioned(visual, path)
+    import open_clip
+
+    return VideoBackbone(
+        visual,
+        model_config(cfg.backbone.name)[1]["embed_dim"],
+        open_clip.OPENAI_DATASET_MEAN,
+        open_clip.OPENAI_DATASET_STD,
+    ).freeze()
+
+
+def register_external_parameters(module: nn.Module, backbone: VideoBackbone) -> None:
+    """ZeRO-3 gathers a module's own parameters when that module is *called*. The tower's direct parameters
+    (class/position embeddings, projection) are read by `forward_intermediates` / `embed_tokens`, which are methods,
+    so they are tied to the module whose call encloses those reads."""
+    import deepspeed
+
+    owners = [backbone.visual] + ([backbone.trunk] if backbone.trunk is not backbone.visual else [])
+    for owner in owners:
+        for p in owner.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(module, p)
+
+
+def held_numel(module: nn.Module) -> int:
+    """Parameter elements this rank actually stores (its ZeRO-3 partitions plus unpartitioned parameters)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+def full_numel(module: nn.Module) -> int:
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+
+
+def init_distributed(backend: str) -> None:
+    """Wraps the process group Ray already created (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))  # shm kernel init, SYSTEMS §2.6
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def side_engine(backbone: VideoBackbone, cfg: ExperimentCfg):
+    """Recipe A: the partitioned backbone in an optimizer-less ZeRO-3 engine (gathers block by block on call)."""
+    import deepspeed
+
+    register_external_parameters(backbone, backbone)
+    engine, *_ = deepspeed.initialize(model=backbone, config=ds_config(cfg, False))
+    engine.eval()
+    return engine
+
+
+def joint_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler_fn, cfg: ExperimentCfg):
+    """Recipe B: one ZeRO-3 engine over backbone + adapters, its optimizer over the trainable parameters."""
+    import deepspeed
+
+    register_external_parameters(model, model.backbone)
+    for owner, p in getattr(model, "zero3_external_parameters", lambda: [])():
+        deepspeed.zero.register_external_parameter(owner, p)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler_fn, config=ds_config(cfg, True)
+    )
+    return engine, optimizer, scheduler
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3 parameters inside the block (read-only); a no-op for ordinary parameters."""
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
+        yield
+
+
+def save_engine(engine, directory: Path, tag: str) -> None:
+    """Every rank writes its shard of trainable weights + optimizer state (frozen weights excluded)."""
+    engine.save_checkpoint(str(directory), tag=tag, exclude_frozen_parameters=True)
+
+
+def load_engine(engine, directory: Path, tag: str) -> None:
+    engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)

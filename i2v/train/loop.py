@@ -1,0 +1,301 @@
+"""The Ray Train worker function: everything is rebuilt from the config dict (no module globals).
+
+    train_fn_per_worker({"cfg": ExperimentCfg.to_dict(), "run_dir": "...", "progress": True})
+
+Per worker: [1] seed and process group, [2] backbone (replicated, or partitioned with ZeRO-3) and method,
+[3] optimizer/schedule/engines for the partition mode, [4] resume from `ray.train.get_checkpoint()`, [5] epochs of
+resampled WebDataset batches (the same number on every rank, so collectives never hang), validation with multi-view
+averaging, `ray.train.report` + checkpoint every epoch (and every `train.checkpoint_every` steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from i2v.backbone import load_backbone
+from i2v.config import ExperimentCfg
+from i2v.methods import create_method
+from i2v.train import checkpoint as ckpt
+from i2v.train.optim import build_optimizer, build_scheduler
+
+_logger = logging.getLogger(__name__)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """CUDA allocator peak on GPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+class Trainer:
+    """The state of one worker: model, the three partition modes' step functions, metrics."""
+
+    def __init__(self, cfg: ExperimentCfg, device: torch.device, rank: int, world: int, steps_per_epoch: int):
+        import ray.train
+
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.steps_per_epoch = steps_per_epoch
+        self.opt_steps_per_epoch = max(1, steps_per_epoch // cfg.train.accum_steps)
+        self.zero3 = cfg.backbone.partition == "zero3"
+        seed_all(cfg.train.seed)  # identical trainable init on every rank
+        if self.zero3:
+            from i2v.train import deepspeed as ds
+
+            ds.init_distributed("nccl" if device.type == "cuda" else "gloo")
+            backbone = ds.build_partitioned_backbone(cfg)
+        else:
+            backbone = load_backbone(cfg.backbone)
+        model = create_method(cfg.method, backbone, num_classes=cfg.data.num_classes, num_frames=cfg.data.frames)
+        self.model = model
+        self.engine = None  # joint ZeRO-3 engine (recipe B)
+        if self.zero3 and not model.backbone_no_grad:
+            from i2v.train import deepspeed as ds
+
+            self.engine, self.optimizer, self.scheduler = ds.joint_engine(
+                model,
+                build_optimizer(model, cfg.train),
+                lambda opt: build_scheduler(opt, cfg.train, self.opt_steps_per_epoch),
+                cfg,
+            )
+            self.forward = self.engine
+        else:
+            if self.zero3:
+                from i2v.train import deepspeed as ds
+
+                ds.side_engine(model.backbone, cfg)  # recipe A: hooks gather the backbone block by block
+                for name, child in model.named_children():
+                    if name != "backbone":
+                        child.to(device)
+            else:
+                model.to(device)
+            self.forward = model
+            if world > 1:
+                frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+                frozen += [n for n, _ in model.named_buffers() if n.startswith("backbone.")]
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+                self.forward = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None
+                )
+            self.optimizer = build_optimizer(model, cfg.train)
+            self.scheduler = build_scheduler(self.optimizer, cfg.train, self.opt_steps_per_epoch)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.ray_train = ray.train
+
+    # -- one optimisation step ------------------------------------------------------------------------------------
+    def train_step(self, video: torch.Tensor, label: torch.Tensor, boundary: bool) -> tuple[float, float]:
+        with self.autocast:
+            logits = self.forward(video)
+            loss = F.cross_entropy(logits.float(), label, label_smoothing=self.cfg.train.label_smoothing)
+        if self.engine is not None:  # DeepSpeed owns accumulation, clipping, the optimizer and the schedule
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            (loss / self.cfg.train.accum_steps).backward()
+            if boundary:
+                if self.cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.train.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        correct = (logits.argmax(-1) == label).float().sum().item()
+        return loss.item(), correct
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Multi-view accuracy: softmax averaged over the V = clips x crops views of each video.
+
+        Under ZeRO-3 every rank must run the same number of backbone forwards (they are collectives), so a rank
+        whose share of the validation set is exhausted runs dummy batches until all are.
+        """
+        K = self.cfg.data.num_classes
+        self.model.eval()
+        confusion = torch.zeros(K, K, dtype=torch.float64)
+        top5 = 0.0
+        batches = iter(loader)
+        dummy = None
+        while True:
+            batch = next(batches, None)
+            if self.zero3:
+                (more,) = _all_reduce([float(batch is not None)], dist.ReduceOp.MAX)
+                if not more:
+                    break
+                if batch is None:
+                    with self.autocast:
+                        self.forward(dummy)
+                    continue
+            elif batch is None:
+                break
+            video, label = batch[0].to(self.device), batch[1]
+            B, V = video.shape[:2]
+            dummy = video[:1, 0]
+            with self.autocast:
+                probs = self.forward(video.flatten(0, 1)).float().softmax(-1).unflatten(0, (B, V)).mean(1).cpu()
+            pred = probs.argmax(-1)
+            confusion.index_put_((label, pred), torch.ones(B, dtype=torch.float64), accumulate=True)
+            top5 += (probs.topk(min(5, K), -1).indices == label[:, None]).any(-1).sum().item()
+        if dist.is_initialized():
+            dist.all_reduce(confusion)
+        (top5,) = _all_reduce([top5])
+        n = confusion.sum().item()
+        self.model.train()
+        return {
+            "val_top1": confusion.diag().sum().item() / max(n, 1),
+            "val_top5": top5 / max(n, 1),
+            "val_clips": int(n),
+            "val_per_class": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
+            "confusion": confusion.long().tolist(),
+        }
+
+
+def _maybe_inject_fault(cfg: ExperimentCfg, run_dir: Path, step: int, rank: int, world: int) -> None:
+    """`train.fail_at_step`: the last rank dies once (a marker file makes it one-shot), for fault-tolerance drills."""
+    if step != cfg.train.fail_at_step or rank != world - 1:
+        return
+    marker = run_dir / "fault_injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    raise RuntimeError(f"injected fault at step {step} on rank {rank} (train.fail_at_step)")
+
+
+def train_fn_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from i2v.data import build_eval_loader, build_train_loader, steps_per_epoch
+
+    cfg = ExperimentCfg.from_dict(config["cfg"])
+    run_dir = Path(config["run_dir"])
+    if Path(config.get("cwd", "")).is_dir():  # relative paths in the config mean what they meant to the driver
+        os.chdir(config["cwd"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    steps = steps_per_epoch(cfg.data, world)
+    t = Trainer(cfg, device, rank, world, steps)
+    start_epoch, skip_steps = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = ckpt.load(t, Path(d))
+        start_epoch, skip_steps = state["epoch"], state["step_in_epoch"]
+        t.step = state["step"]
+        if rank == 0:
+            _logger.info("resumed from %s at epoch %d step %d", checkpoint.path, start_epoch, t.step)
+
+    mean, std = t.model.backbone.mean, t.model.backbone.std
+    val_loader = (
+        build_eval_loader(cfg.data, mean=mean, std=std, rank=rank, world_size=world) if cfg.data.val_shards else None
+    )
+    writer = None
+    if rank == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    t.model.train()
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # Seeded per (seed, epoch, rank): a resumed run replays exactly what an uninterrupted one would.
+        seed_all(cfg.train.seed * 1_000_003 + epoch * 1_009 + rank)
+        remaining = steps - skip_steps
+        loader = build_train_loader(
+            cfg.data,
+            mean=mean,
+            std=std,
+            rank=rank,
+            world_size=world,
+            seed=cfg.train.seed + 7_919 * skip_steps,
+            epoch=epoch,
+        )
+        bar = None
+        if rank == 0 and config.get("progress"):
+            from tqdm import tqdm
+
+            bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=10, leave=False)
+        loss_sum = correct = clips = 0.0
+        started = time.perf_counter()
+        for i, (video, label) in enumerate(loader):
+            if i >= remaining:
+                break
+            t.step_in_epoch = skip_steps + i + 1
+            _maybe_inject_fault(cfg, run_dir, t.step, rank, world)
+            boundary = t.step_in_epoch % cfg.train.accum_steps == 0 or t.step_in_epoch == steps
+            loss, ok = t.train_step(video.to(t.device), label.to(t.device), boundary)
+            t.step += 1
+            loss_sum += loss * len(label)
+            correct += ok
+            clips += len(label)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if cfg.train.checkpoint_every and t.step % cfg.train.checkpoint_every == 0 and t.step_in_epoch < steps:
+                metrics = {"epoch": epoch, "step": t.step, "loss": loss}
+                _report(t, metrics, epoch, run_dir)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        loss_sum, correct, clips = _all_reduce([loss_sum, correct, clips])
+        (elapsed,) = _all_reduce([elapsed], dist.ReduceOp.MAX)
+        (peak,) = _all_reduce([peak_mem_mb(device)], dist.ReduceOp.MAX)
+        metrics = {
+            "epoch": epoch + 1,
+            "step": t.step,
+            "loss": loss_sum / max(clips, 1),
+            "train_top1": correct / max(clips, 1),
+            "train_clips_per_s": clips / max(elapsed, 1e-9),
+            "peak_mem_mb": peak,
+            "lr": t.optimizer.param_groups[0]["lr"],
+            "skipped": loader.skipped.count,
+        }
+        if val_loader is not None:
+            metrics.update(t.evaluate(val_loader))
+        skip_steps = 0
+        t.step_in_epoch = 0
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, t.step)
+            writer.flush()
+            _logger.info("epoch %d: %s", epoch + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        _report(t, metrics, epoch + 1, run_dir)
+    if writer is not None:
+        writer.close()
+
+
+def _report(t: Trainer, metrics: dict, epoch: int, run_dir: Path) -> None:
+    """`ray.train.report` from every rank (it is collective), with a checkpoint of what trains."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("I2V_TMPDIR")) as d:
+        ckpt.save(t, Path(d), epoch=epoch)
+        has_files = any(Path(d).iterdir())  # rank 0 only, except for sharded DeepSpeed checkpoints
+        t.ray_train.report(metrics, checkpoint=t.ray_train.Checkpoint.from_directory(d) if has_files else None)
