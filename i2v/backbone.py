@@ -16,7 +16,9 @@ breaks `deepspeed.zero.Init` (see shared/SYSTEMS.md §2.4).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -30,6 +32,29 @@ from i2v.config import BackboneCfg
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Turns random init off while building a model whose every weight is loaded afterwards. Under ZeRO-3's
+    zero.Init it also avoids gathering each module for init (EVA02-E-14: 268 s with init vs 29 s without)."""
+    import timm.layers
+    import timm.models.eva
+
+    def noop(*args, **kwargs):
+        return args[0] if args else None
+
+    targets = [(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    targets += [(timm.layers, "trunc_normal_"), (timm.models.eva, "trunc_normal_")]
+    targets += [(timm.models.eva.Eva, "_init_weights"), (timm.models.eva.Eva, "fix_init_weight")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
+    try:
+        for obj, name, _ in saved:
+            setattr(obj, name, noop)
+        yield
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
 
 
 def model_config(name: str) -> tuple[str, dict]:
@@ -151,6 +176,10 @@ class VideoBackbone(nn.Module):
         return 1 if self.is_native else self.visual.trunk.num_prefix_tokens
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.visual.parameters()).dtype
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.visual.image_size)
 
@@ -201,6 +230,7 @@ class VideoBackbone(nn.Module):
         Returns:
             (patch tokens, prefix tokens): lists with one (B, T, L, D) / (B, T, P, D) tensor per index, in block order.
         """
+        video = video.to(self.dtype)
         if pooled:
             return self.embed_frames(video)
         B, T = video.shape[:2]
@@ -229,7 +259,7 @@ class VideoBackbone(nn.Module):
         self.require_native("embed_tokens")
         v = self.visual
         B, T = video.shape[:2]
-        x = v.conv1(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, L, D)
+        x = v.conv1(video.to(self.dtype).flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, L, D)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B*T, 1 + L, D)
         if temporal is not None:

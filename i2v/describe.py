@@ -8,6 +8,8 @@ For ZeroI2V `gflops` is the merged (inference) model; `gflops_unmerged` is the t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,6 +24,7 @@ def count_flops(model: torch.nn.Module, video: torch.Tensor) -> int:
 
 
 def describe(cfg: ExperimentCfg) -> dict:
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, precision="fp32"))  # counts only
     model = create_model(cfg, device="meta").eval()
     trainable = sum(p.numel() for p in model.trainable_parameters())
     total = sum(p.numel() for p in model.parameters())

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from i2v.backbone import VideoBackbone, build_vision_tower, model_config, resolve_pretrained
+from i2v.backbone import VideoBackbone, build_vision_tower, model_config, resolve_pretrained, skip_init
 from i2v.config import ExperimentCfg
 
 _logger = logging.getLogger(__name__)
@@ -48,29 +48,6 @@ def ds_config(cfg: ExperimentCfg, with_optimizer: bool) -> dict:
     if with_optimizer and cfg.train.grad_clip > 0:
         out["gradient_clipping"] = cfg.train.grad_clip
     return out
-
-
-@contextlib.contextmanager
-def skip_init() -> Iterator[None]:
-    """Random init is wasted work when every weight is loaded afterwards, and under zero.Init it gathers each module
-    (EVA02-E-14: 268 s with init vs 29 s without, SYSTEMS.md §2.5)."""
-    import timm.layers
-    import timm.models.eva
-
-    def noop(*args, **kwargs):
-        return args[0] if args else None
-
-    targets = [(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    targets += [(timm.layers, "trunc_normal_"), (timm.models.eva, "trunc_normal_")]
-    targets += [(timm.models.eva.Eva, "_init_weights"), (timm.models.eva.Eva, "fix_init_weight")]
-    saved = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
-    try:
-        for obj, name, _ in saved:
-            setattr(obj, name, noop)
-        yield
-    finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
 
 
 def _open_checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -117,7 +94,7 @@ def build_partitioned_backbone(cfg: ExperimentCfg) -> VideoBackbone:
     import deepspeed
 
     path, quick_gelu = resolve_pretrained(cfg.backbone.name, cfg.backbone.pretrained)
-    init = skip_init() if path else contextlib.nullcontext()
+    init = skip_init() if path else contextlib.nullcontext()  # every weight is loaded afterwards
     with init, deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, False), dtype=DTYPES[cfg.backbone.precision]):
         visual = build_vision_tower(cfg.backbone.name, quick_gelu=quick_gelu)
     if path:

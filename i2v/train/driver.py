@@ -52,7 +52,7 @@ def validate(cfg: ExperimentCfg) -> None:
     if cfg.data.train_shards:
         try:
             labels = read_label_map(cfg.data.train_shards)
-        except (FileNotFoundError, OSError):
+        except (OSError, ValueError):  # no label map to compare with (e.g. pipe: URLs)
             labels = None
         if labels is not None and len(labels) != cfg.data.num_classes:
             raise ConfigError(
@@ -61,20 +61,16 @@ def validate(cfg: ExperimentCfg) -> None:
             )
 
 
-def _init_ray(cfg: ExperimentCfg, address: str | None) -> None:
+def _init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env = {"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}
-    for k in ("RAY_AUTH_MODE", "I2V_TMPDIR", "TORCH_EXTENSIONS_DIR"):
-        if k in os.environ:
-            env[k] = os.environ[k]
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:  # an existing cluster (ray job submit sets RAY_ADDRESS): take its resources as they are
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:  # a local, single-node cluster for this run
-        ray.init(runtime_env={"env_vars": env}, include_dashboard=True, log_to_driver=True)
+    if address:  # an existing cluster (`ray job submit` sets RAY_ADDRESS): its runtime env and resources as they are
+        ray.init(address=address)
+    else:  # a new local single-node cluster for this run (never a stray one); workers inherit this environment
+        ray.init(address="local")
 
 
 def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None, progress: bool = True) -> dict:
@@ -88,7 +84,7 @@ def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"i2v: run directory {out}", flush=True)
-    _init_ray(cfg, address)
+    _init_ray(address)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(
         train_fn_per_worker,

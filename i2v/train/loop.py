@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from i2v.backbone import load_backbone
 from i2v.config import ExperimentCfg
+from i2v.eval import evaluate
 from i2v.methods import create_method
 from i2v.train import checkpoint as ckpt
 from i2v.train.optim import build_optimizer, build_scheduler
@@ -104,7 +105,9 @@ class Trainer:
                 )
             self.optimizer = build_optimizer(model, cfg.train)
             self.scheduler = build_scheduler(self.optimizer, cfg.train, self.opt_steps_per_epoch)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        # bf16 autocast on GPU; on CPU fp32 unless the frozen weights were asked for in bf16
+        bf16 = device.type == "cuda" or cfg.backbone.precision == "bf16"
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.ray_train = ray.train
 
@@ -127,52 +130,13 @@ class Trainer:
         correct = (logits.argmax(-1) == label).float().sum().item()
         return loss.item(), correct
 
-    # -- evaluation ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, loader) -> dict:
-        """Multi-view accuracy: softmax averaged over the V = clips x crops views of each video.
-
-        Under ZeRO-3 every rank must run the same number of backbone forwards (they are collectives), so a rank
-        whose share of the validation set is exhausted runs dummy batches until all are.
-        """
-        K = self.cfg.data.num_classes
         self.model.eval()
-        confusion = torch.zeros(K, K, dtype=torch.float64)
-        top5 = 0.0
-        batches = iter(loader)
-        dummy = None
-        while True:
-            batch = next(batches, None)
-            if self.zero3:
-                (more,) = _all_reduce([float(batch is not None)], dist.ReduceOp.MAX)
-                if not more:
-                    break
-                if batch is None:
-                    with self.autocast:
-                        self.forward(dummy)
-                    continue
-            elif batch is None:
-                break
-            video, label = batch[0].to(self.device), batch[1]
-            B, V = video.shape[:2]
-            dummy = video[:1, 0]
-            with self.autocast:
-                probs = self.forward(video.flatten(0, 1)).float().softmax(-1).unflatten(0, (B, V)).mean(1).cpu()
-            pred = probs.argmax(-1)
-            confusion.index_put_((label, pred), torch.ones(B, dtype=torch.float64), accumulate=True)
-            top5 += (probs.topk(min(5, K), -1).indices == label[:, None]).any(-1).sum().item()
-        if dist.is_initialized():
-            dist.all_reduce(confusion)
-        (top5,) = _all_reduce([top5])
-        n = confusion.sum().item()
+        metrics = evaluate(
+            self.forward, loader, self.cfg.data.num_classes, self.device, lockstep=self.zero3, autocast=self.autocast
+        )
         self.model.train()
-        return {
-            "val_top1": confusion.diag().sum().item() / max(n, 1),
-            "val_top5": top5 / max(n, 1),
-            "val_clips": int(n),
-            "val_per_class": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
-            "confusion": confusion.long().tolist(),
-        }
+        return metrics
 
 
 def _maybe_inject_fault(cfg: ExperimentCfg, run_dir: Path, step: int, rank: int, world: int) -> None:
@@ -200,6 +164,8 @@ def train_fn_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Set per worker, never cluster-wide: a GPU-less process told DS_ACCELERATOR=cuda still picks cuda + NCCL.
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 

@@ -1,0 +1,158 @@
+"""The `i2v` command line.
+
+i2v describe --method side4video --backbone ViT-B-16 --frames 8 --num-classes 400 [--set key=value ...]
+i2v list-methods
+i2v data pack|synth|stats ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from i2v.config import ConfigError, load_config
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from i2v.describe import describe, format_table
+    from i2v.methods import list_methods
+
+    names = list_methods() if args.method == "all" else args.method.split(",")
+    rows = []
+    for name in names:
+        overrides = [
+            f"method.name={name}",
+            f"backbone.name={args.backbone}",
+            f"data.frames={args.frames}",
+            f"data.num_classes={args.num_classes}",
+            *args.set,
+        ]
+        rows.append(describe(load_config(args.config, overrides)))
+    print(format_table(rows))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+        tmp.replace(path)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from i2v.train.driver import format_summary, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    summary = run_training(cfg, out, address=args.address, progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from i2v.eval import run_eval
+
+    if args.config and "=" in args.config:  # no config file given, only overrides
+        args.config, args.overrides = None, [args.config, *args.overrides]
+    m = run_eval(args.checkpoint, args.config, args.overrides, args.out)
+    print(f"top-1 {m['val_top1']:.4f}  top-5 {m['val_top5']:.4f}  clips {m['val_clips']}  views {m['views']}")
+    for label, acc in zip(m["labels"], m["val_per_class"]):
+        print(f"  {acc:.4f}  {label}")
+    print(f"wrote {m['out']}/metrics.json and confusion.png")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from i2v.eval import predict
+
+    failed = 0
+    for r in predict(args.checkpoint, args.videos, topk=args.topk, overrides=args.set):
+        if "error" in r:
+            print(f"{r['video']}: {r['error']}", file=sys.stderr)
+            failed += 1
+            continue
+        print(r["video"])
+        for label, p in r["top"]:
+            print(f"  {p:.4f}  {label}")
+    return 1 if failed else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from i2v.export import export
+
+    r = export(args.checkpoint, args.out, overrides=args.set)
+    print(f"wrote {r['out']}: {r['tensors']} tensors, {r['params']:,} parameters")
+    return 0
+
+
+def _list_methods(args: argparse.Namespace) -> int:
+    from i2v.methods import METHODS, list_methods
+
+    for name in list_methods():
+        doc = (sys.modules[METHODS[name].__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:14s} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="i2v", description="Frozen image backbones -> video recognisers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("describe", help="trainable/frozen parameters and inference GFLOPs of a method (no weights)")
+    p.add_argument("--method", required=True, help="a registered method, a comma list, or 'all'")
+    p.add_argument("--backbone", default="ViT-B-16", help="open_clip model name or model-config .json")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--config", default=None, help="experiment YAML to start from (default: built-in defaults)")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. method.bottleneck=128"
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    p.set_defaults(func=_describe)
+
+    p = sub.add_parser("train", help="train on Ray Train (local cluster, or RAY_ADDRESS / --address)")
+    p.add_argument("config", help="experiment YAML, e.g. configs/smoke.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method.name=st_adapter")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>); an existing one resumes")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="multi-view testing of a checkpoint: top-1/top-5/per-class, JSON + confusion PNG")
+    p.add_argument("config", nargs="?", default=None, help="experiment YAML for data/views (default: the run's)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.test_clips=4 data.test_crops=3")
+    p.add_argument("--checkpoint", required=True, help="a run's final.pt or a checkpoint directory")
+    p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="top-k labels of video files")
+    p.add_argument("videos", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.test_clips=3")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="the inference model (ZeroI2V merged) as safetensors with open_clip keys")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("list-methods", help="list the registered methods")
+    p.set_defaults(func=_list_methods)
+
+    from i2v.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"i2v: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""`i2v data pack | synth | stats`: build WebDataset shards and check what the training pipeline reads from them.
+
+Heavy imports (torch, PyAV, webdataset) happen inside the command functions, so `i2v --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+_logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers `data` and its sub-commands on the `i2v` parser; each sets `func(args) -> exit code`."""
+    parser = subparsers.add_parser("data", help="pack, generate and inspect WebDataset video shards")
+    sub = parser.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--list", type=Path, help="CSV/TSV of 'path,label' rows (paths relative to --root)")
+    src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video>")
+    src.add_argument("--kinetics-csv", type=Path, help="Kinetics annotation CSV (label,youtube_id,time_start,...)")
+    src.add_argument("--ssv2-json", type=Path, help="something-something-v2-{train,validation}.json")
+    p.add_argument("--ssv2-labels", type=Path, help="something-something-v2-labels.json (with --ssv2-json)")
+    p.add_argument("--root", type=Path, help="directory the list's / annotation's videos are relative to")
+    p.add_argument("--out", type=Path, required=True, help="shard directory to write")
+    p.add_argument("--labels", type=Path, help="fix the class order: labels.json of another split, or a name list")
+    p.add_argument("--shard-samples", type=int, default=1000, help="max samples per shard")
+    p.add_argument("--shard-bytes", type=float, default=1e9, help="max source bytes per shard")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    p.add_argument("--reencode", action="store_true", help="re-encode to H.264 (--short-side, --fps) for fast reads")
+    p.add_argument("--short-side", type=int, default=320, help="re-encode: shorter side in pixels")
+    p.add_argument("--fps", type=float, default=0, help="re-encode: frame rate (0: keep)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("synth", help="generate the synthetic temporal-order benchmark (mp4 + shards)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--classes", nargs="+", help="class names (space or comma separated); default: all 8")
+    p.add_argument("--train", type=int, default=400, help="training clips")
+    p.add_argument("--val", type=int, default=100, help="validation clips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="packing processes")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("stats", help="run the training pipeline once over shards; report clips, skips, labels, speed")
+    p.add_argument("shards", help="shard pattern, e.g. 'data/train/shard-{000000..000009}.tar'")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--sampler", choices=["segment", "dense"], default="segment")
+    p.add_argument("--stride", type=int, default=4, help="dense sampler stride")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    p.set_defaults(func=cmd_stats)
+    return parser
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    import i2v.data.pack as packing
+
+    labels = packing.load_labels(args.labels) if args.labels else None
+    if args.list:
+        items = packing.read_list(args.list, args.root)
+    elif args.videos:
+        items = packing.scan_folders(args.videos)
+    elif args.kinetics_csv:
+        items = packing.kinetics_items(args.kinetics_csv, args.root or args.kinetics_csv.parent)
+    else:
+        if not args.ssv2_labels:
+            raise SystemExit("i2v data pack: --ssv2-json needs --ssv2-labels")
+        items, names = packing.ssv2_items(args.ssv2_json, args.ssv2_labels, args.root or args.ssv2_json.parent)
+        labels = labels or names
+    reencode_to = {"short_side": args.short_side, "fps": args.fps} if args.reencode else None
+    pattern = packing.pack(
+        items,
+        args.out,
+        labels=labels,
+        shard_samples=args.shard_samples,
+        shard_bytes=int(args.shard_bytes),
+        workers=args.workers,
+        reencode_to=reencode_to,
+        progress=not args.no_progress,
+    )
+    index = json.loads((args.out / "index.json").read_text())
+    print(f"{index['samples']} samples in {len(index['shards'])} shards: {pattern}")
+    if index["rejected"]:
+        print(f"{index['rejected']} videos rejected, see {args.out / 'rejects.csv'}")
+    return 0 if index["samples"] else 1
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from i2v.data.synth import CLASSES, make_synthetic
+
+    classes = [c for arg in args.classes for c in arg.split(",") if c] if args.classes else list(CLASSES)
+    shards = make_synthetic(
+        args.out,
+        classes=classes,
+        train=args.train,
+        val=args.val,
+        seed=args.seed,
+        frames=args.frames,
+        size=args.size,
+        workers=args.workers,
+        progress=True,
+    )
+    print(f"train: {shards.train}\nval:   {shards.val}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    report = run_stats(
+        args.shards,
+        frames=args.frames,
+        size=args.size,
+        sampler=args.sampler,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    print(format_stats(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def run_stats(
+    shards: str,
+    *,
+    frames: int = 8,
+    size: int = 224,
+    sampler: str = "segment",
+    stride: int = 4,
+    batch_size: int = 8,
+    workers: int = 0,
+) -> dict:
+    """One exactly-once pass of the training pipeline (augmentation included) over `shards`.
+
+    Returns:
+        {"clips", "skipped", "skipped_samples": [{"key", "reason"}], "skip_reasons", "labels": {name: count},
+        "clips_per_s", "seconds", "video_shape"}.
+    """
+    from i2v.config import DataCfg
+    from i2v.data.transforms import CLIP_MEAN, CLIP_STD
+    from i2v.data.wds import build_train_loader, read_label_map
+
+    try:
+        names = read_label_map(shards)
+    except (OSError, ValueError) as e:
+        _logger.warning("no label names: %s", e)
+        names = []
+    cfg = DataCfg(
+        train_shards=shards,
+        frames=frames,
+        size=size,
+        sampler=sampler,
+        stride=stride,
+        batch_size=batch_size,
+        num_workers=workers,
+        flip=False,
+    )
+    loader = build_train_loader(cfg, mean=CLIP_MEAN, std=CLIP_STD, resampled=False)
+    labels, clips, shape = Counter(), 0, None
+    start = time.perf_counter()
+    for video, label in loader:
+        clips += len(label)
+        labels.update(label.tolist())
+        shape = list(video.shape[1:])
+    seconds = time.perf_counter() - start
+    return {
+        "shards": shards,
+        "clips": clips,
+        "skipped": loader.skipped.count,
+        "skipped_samples": [{"key": k, "reason": r} for k, r in loader.skipped.samples],
+        "skip_reasons": dict(loader.skipped.reasons),
+        "labels": {(names[i] if i < len(names) else str(i)): n for i, n in sorted(labels.items())},
+        "clips_per_s": round(clips / seconds, 2) if seconds > 0 else 0.0,
+        "seconds": round(seconds, 3),
+        "video_shape": shape,  # (T, C, H, W) per clip
+    }
+
+
+def format_stats(report: dict) -> str:
+    lines = [
+        f"shards:   {report['shards']}",
+        f"clips:    {report['clips']}  ({report['clips_per_s']} clips/s over {report['seconds']} s)",
+        f"skipped:  {report['skipped']}",
+    ]
+    lines += [f"  {s['key']}: {s['reason']}" for s in report["skipped_samples"][:50]]
+    lines.append("labels:")
+    lines += [f"  {name}: {n}" for name, n in report["labels"].items()]
+    return "\n".join(lines)

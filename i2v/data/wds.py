@@ -1,0 +1,510 @@
+"""WebDataset clip pipeline driven by `DataCfg`: the only way training and evaluation read videos.
+
+Stages, each a generator inside one DataLoader worker (see `ClipStream.__iter__`):
+  1. shard URLs (brace patterns, `::`-separated lists; local, `file://`, `pipe:`, http(s), and anything fsspec opens,
+     e.g. `s3://`) -> this (rank, loader worker) slot's shards
+  2. tar members -> samples {__key__, <video ext>, cls, json}           (tar-level errors: skipped, counted)
+  3. finite mode with fewer shards than slots: keep every n-th sample  (exactly-once split)
+  4. seeded shuffle buffer (training)
+  5. PyAV decode of the sampled frames (seeking) -> clip transform     (decode errors: skipped, counted)
+  6. batches (B, T, C, H, W) / (B, V, T, C, H, W), plus the skips seen since the previous batch
+
+Modes:
+- resampled (training): each worker draws shards endlessly (a fresh seeded permutation per cycle) and the loader stops
+  after `steps_per_epoch` batches, the same number on every rank, so collectives never wait for a rank that ran out
+  of data (a finite `split_by_node` with uneven shards hangs DDP/ZeRO-3, SYSTEMS.md section 4.1).
+- finite (evaluation, `i2v data stats`, training-free reading): every sample exactly once over ranks x workers;
+  shards are dealt to the slots when there are at least as many shards as slots, else every slot reads all shards
+  and keeps every n-th sample. The last partial batch is kept.
+
+Randomness (shard order, shuffle buffer, frame offsets, augmentation) is a function of (seed, epoch, slot) only.
+Skipped samples travel with the batches to the main process and are counted in `VideoLoader.skipped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.gopen import gopen, gopen_schemes
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from i2v.config import DataCfg
+from i2v.data.pack import VIDEO_SUFFIXES
+from i2v.data.transforms import eval_transform, train_transform
+from i2v.data.video import decode_frames, dense_indices, segment_indices
+
+_logger = logging.getLogger(__name__)
+
+VIDEO_EXTS: Final = tuple(s.lstrip(".") for s in VIDEO_SUFFIXES)
+MAX_SKIP_KEYS: Final = 10_000  # keys kept by a SkipCounter; counts are always exact
+MAX_FAILED_IN_A_ROW: Final = 1000  # resampled mode: this many undecodable samples in a row is a broken dataset
+
+
+class SkipCounter:
+    """Samples the pipeline dropped, with reasons. Lives in the main process; loaders fill it batch by batch.
+
+    Attributes:
+        reasons: Counter of reason strings.
+        samples: (key, reason) pairs, the first MAX_SKIP_KEYS of them; a key is "SHARD_URL#SAMPLE_KEY", or the shard
+            URL alone for shard-level failures (unreadable or truncated tar).
+    """
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.samples: list[tuple[str, str]] = []
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, key: str, reason: str) -> None:
+        self.reasons[reason] += 1
+        if len(self.samples) < MAX_SKIP_KEYS:
+            self.samples.append((key, reason))
+
+    def summary(self) -> str:
+        top = "; ".join(f"{n}x {r}" for r, n in self.reasons.most_common(5))
+        return f"{self.count} samples skipped" + (f" ({top})" if top else "")
+
+    def to_dict(self) -> dict:
+        return {"skipped": self.count, "reasons": dict(self.reasons), "keys": [list(s) for s in self.samples]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shard lists, the shard index and the label map
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Expands brace patterns and `::`-separated lists into shard URLs, in order."""
+    return list(expand_urls(shards if isinstance(shards, str) else list(shards)))
+
+
+def read_label_map(shard_dir_or_pattern: str | Path) -> list[str]:
+    """Class names in index order, from the `labels.json` written by the packer next to the shards.
+
+    Args:
+        shard_dir_or_pattern: A shard directory, or a shard pattern/URL (the file is looked up next to its first shard).
+
+    Raises:
+        FileNotFoundError: When labels.json cannot be read (the message names the path).
+        ValueError: For `pipe:` URLs (no place to look) or an empty pattern.
+    """
+    return json.loads(_read_sibling(shard_dir_or_pattern, "labels.json"))
+
+
+def read_shard_index(shard_dir_or_pattern: str | Path) -> dict[str, int]:
+    """Samples per shard URL, from the `index.json` next to the shards.
+
+    A directory gives every shard listed in its index; a pattern gives only the shards it names.
+
+    Raises:
+        FileNotFoundError: When index.json cannot be read (the message names the path).
+        ValueError: When a named shard is not in its directory's index, for `pipe:` URLs or an empty pattern.
+    """
+    if Path(shard_dir_or_pattern).is_dir():
+        index = json.loads(_read_sibling(shard_dir_or_pattern, "index.json"))
+        return {str(Path(shard_dir_or_pattern) / name): n for name, n in index["shards"].items()}
+    counts, indexes = {}, {}
+    for url in expand_shards(str(shard_dir_or_pattern)):
+        parent = url.rsplit("/", 1)[0] if "/" in url else "."
+        if parent not in indexes:
+            indexes[parent] = json.loads(_read_sibling(url, "index.json"))["shards"]
+        name = url.rsplit("/", 1)[-1]
+        if name not in indexes[parent]:
+            raise ValueError(f"{url}: not listed in {parent}/index.json (re-run `i2v data pack`)")
+        counts[url] = indexes[parent][name]
+    return counts
+
+
+def count_samples(shards: str) -> int:
+    """Samples in the shards named by a pattern, as counted by the shard index."""
+    return sum(read_shard_index(shards).values())
+
+
+def _read_sibling(shard_dir_or_pattern: str | Path, name: str) -> str:
+    where = str(shard_dir_or_pattern)
+    if not where:
+        raise ValueError(f"no shard directory or pattern given to look up {name}")
+    if Path(where).is_dir():
+        url = str(Path(where) / name)
+    else:
+        first = expand_shards(where)[0]
+        if first.startswith("pipe:"):
+            raise ValueError(f"{first}: cannot locate {name} next to a pipe: URL; give the shard directory instead")
+        url = f"{first.rsplit('/', 1)[0]}/{name}" if "/" in first else name
+    try:
+        if urlparse(url).scheme in ("", "file"):
+            return Path(urlparse(url).path if url.startswith("file:") else url).read_text()
+        import fsspec
+
+        with fsspec.open(url, "rt") as f:
+            return f.read()
+    except OSError as e:
+        raise FileNotFoundError(f"{url}: cannot read the packer's {name} ({e})") from None
+
+
+def _open_shard(url: str):
+    """Opens a shard stream: webdataset's gopen for its schemes (local, file, pipe, http(s), gs, ...), else fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def steps_per_epoch(cfg: DataCfg, world_size: int = 1) -> int:
+    """Training batches per epoch on every rank: `cfg.epoch_clips` (or the shard index's total) // (ranks x batch)."""
+    clips = cfg.epoch_clips or count_samples(cfg.train_shards)
+    return max(1, clips // (world_size * cfg.batch_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The per-sample clip function and the stream
+
+
+@dataclass
+class ClipSpec:
+    """How one sample becomes one clip tensor (picklable, so it can cross into loader workers)."""
+
+    frames: int
+    sampler: Literal["segment", "dense"]
+    stride: int
+    train: bool
+    clips: int  # temporal views (test mode)
+    transform: object  # train: (T,C,H,W) -> (T,C,H,W); eval: (T,C,H,W) -> (crops,T,C,H,W)
+    threads: int = 1
+
+    def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
+        ext = next((e for e in VIDEO_EXTS if e in sample), None)
+        if ext is None:
+            raise ValueError(f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        if "cls" not in sample:
+            raise ValueError("no cls member")
+        label = int(sample["cls"])
+        np_rng = np.random.default_rng(rng.getrandbits(64))
+
+        def plan(n: int) -> np.ndarray:  # (clips, T) frame indices once the frame count is known
+            if self.sampler == "segment":
+                return segment_indices(n, self.frames, clips=self.clips, train=self.train, rng=np_rng)
+            return dense_indices(n, self.frames, self.stride, clips=self.clips, train=self.train, rng=np_rng)
+
+        frames = decode_frames(sample[ext], plan, threads=self.threads)  # (clips, T, H, W, 3) uint8
+        video = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)  # (clips, T, C, H, W)
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
+            torch.manual_seed(rng.getrandbits(63))
+            if self.train:
+                return self.transform(video[0]), label  # (T, C, H, W)
+            return torch.cat([self.transform(v) for v in video]), label  # (clips * crops, T, C, H, W)
+
+
+class ClipStream(IterableDataset):
+    """Yields (video, label, keys, skips) batches for one (rank, loader worker) slot; see the module docstring."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        clip: ClipSpec,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        resampled: bool,
+        shuffle: bool,
+        shuffle_buffer: int,
+    ) -> None:
+        if not urls:
+            raise ValueError("no shards given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.urls, self.clip, self.batch_size = list(urls), clip, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.resampled, self.shuffle, self.shuffle_buffer = resampled, shuffle, shuffle_buffer
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{slots}")
+        skips: list[tuple[str, str]] = []  # filled by the stages, drained into each batch
+
+        # 1. shards for this slot
+        if self.resampled:
+            shards = _endless(self.urls, rng)
+        else:
+            shards = list(self.urls)
+            if self.shuffle:  # same order on every slot, so the split below stays disjoint
+                random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+            if len(shards) >= slots:
+                shards = shards[slot::slots]
+        # 2. tar -> samples (an endless stream must not spin forever on unreadable shards)
+        samples = _tar_samples(shards, skips, patience=len(self.urls) if self.resampled else None)
+        # 3. exactly-once split by sample when there are too few shards to deal
+        if not self.resampled and len(self.urls) < slots:
+            samples = itertools.islice(samples, slot, None, slots)
+        # 4. shuffle
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        # 5. decode + transform, 6. batch
+        yield from self._batches(self._clips(samples, rng, skips), skips)
+
+    def _clips(self, samples: Iterator[dict], rng: random.Random, skips: list) -> Iterator[tuple]:
+        failed = 0  # in a row
+        for sample in samples:
+            key = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
+            try:
+                video, label = self.clip(sample, rng)
+            except Exception as e:  # a corrupt sample is counted, never fatal
+                skips.append((key, _reason(e)))
+                failed += 1
+                if self.resampled and failed >= MAX_FAILED_IN_A_ROW:
+                    raise RuntimeError(f"{failed} samples in a row failed to decode, e.g. {skips[-1]}") from e
+                continue
+            failed = 0
+            yield video, label, key
+
+    def _batches(self, clips: Iterator[tuple], skips: list) -> Iterator[tuple]:
+        batch = []
+        for item in clips:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield _collate(batch, skips)
+                batch = []
+        if batch or skips:  # the partial batch (finite mode), or a carrier for the last skips
+            yield _collate(batch, skips)
+
+
+def _collate(batch: list[tuple], skips: list) -> tuple:
+    drained = list(skips)
+    skips.clear()
+    if not batch:
+        return None, None, [], drained
+    videos, labels, keys = zip(*batch, strict=True)
+    return torch.stack(videos), torch.tensor(labels, dtype=torch.int64), list(keys), drained
+
+
+def _endless(urls: list[str], rng: random.Random) -> Iterator[str]:
+    while True:
+        order = list(urls)
+        rng.shuffle(order)
+        yield from order
+
+
+def _tar_samples(urls: Sequence[str] | Iterator[str], skips: list, patience: int | None = None) -> Iterator[dict]:
+    """Samples of each shard in turn; raises after `patience` shards in a row gave none (None: never)."""
+    empty = 0  # shards in a row without a sample
+    for url in urls:
+        if patience is not None and empty > patience:
+            raise RuntimeError(f"no sample in {empty} shards in a row, e.g. {skips[-1] if skips else url}")
+        empty += 1
+
+        def handler(e: Exception, url=url) -> bool:
+            skips.append((url, _reason(e)))
+            return True
+
+        try:
+            stream = _open_shard(url)
+        except Exception as e:
+            handler(e)
+            continue
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            for sample in group_by_keys(files, handler=handler):
+                empty = 0
+                yield sample
+        finally:
+            stream.close()
+
+
+def _reason(e: Exception) -> str:
+    # webdataset appends (stream, url) to the args of the exceptions it passes on: keep the message only
+    text = str(e) if isinstance(e, OSError) and e.strerror else str(e.args[0]) if e.args else ""
+    return f"{type(e).__name__}: {text}"[:300] if not isinstance(e, ValueError) else text[:300]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+class VideoLoader:
+    """An iterable of batches over one epoch at a time, with the skipped-sample counter.
+
+    Iterating starts a fresh DataLoader whose workers see the current epoch; each pass then advances the epoch (or
+    call `set_epoch`). Resampled loaders have `len()` = batches per epoch, identical on every rank.
+
+    Attributes:
+        skipped: A SkipCounter accumulating over every pass.
+        epoch: The epoch of the next pass.
+    """
+
+    def __init__(self, stream: ClipStream, *, num_workers: int, steps: int | None, epoch: int, with_keys: bool):
+        self.stream, self.num_workers, self.steps, self.with_keys = stream, num_workers, steps, with_keys
+        self.epoch = epoch
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("a finite loader has no fixed number of batches per rank")
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple]:
+        self.stream.epoch = self.epoch
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            worker_init_fn=_worker_init,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        before, done = self.skipped.count, 0
+        try:
+            for video, label, keys, skips in loader:
+                for key, reason in skips:
+                    self.skipped.add(key, reason)
+                if video is None:
+                    continue
+                yield (video, label, keys) if self.with_keys else (video, label)
+                done += 1
+                if done == self.steps:
+                    break
+        finally:
+            if self.skipped.count > before:
+                _logger.warning(
+                    "epoch %d: %d samples skipped so far; %s", self.epoch, self.skipped.count, self.skipped.summary()
+                )
+            self.epoch += 1
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
+
+
+def _check_num_classes(cfg: DataCfg, shards: str) -> None:
+    """Fails early when the shards hold more classes than the model head (when labels.json can be read)."""
+    try:
+        n = len(read_label_map(shards))
+    except (OSError, ValueError) as e:
+        _logger.debug("class count not checked: %s", e)
+        return
+    if n > cfg.num_classes:
+        raise ValueError(f"{shards}: the label map has {n} classes but data.num_classes is {cfg.num_classes}")
+
+
+def build_train_loader(
+    cfg: DataCfg,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    resampled: bool = True,
+    with_keys: bool = False,
+    shards: str | None = None,
+) -> VideoLoader:
+    """The training loader: yields (video float32 (B, T, C, H, W) normalised, label int64 (B,)).
+
+    Args:
+        cfg: Data config (train_shards, batch_size, num_workers, frames, sampler, stride, size, flip, randaugment,
+            scale, shuffle_buffer, epoch_clips).
+        mean: Backbone preprocessing mean (e.g. `CLIP_MEAN`).
+        std: Backbone preprocessing std.
+        rank: This training worker's rank.
+        world_size: Number of training workers.
+        seed: Base seed; with `epoch` and the slot it fixes every random choice.
+        epoch: Epoch of the first pass.
+        resampled: True: exactly `steps_per_epoch(cfg, world_size)` batches per pass on every rank (training).
+            False: every sample exactly once over all ranks and workers, last partial batch kept (for
+            training-free reading such as `i2v data stats`).
+        with_keys: Also yield the list of sample keys ("SHARD_URL#KEY") as a third element.
+        shards: Shard pattern overriding `cfg.train_shards`.
+    """
+    shards = shards or cfg.train_shards
+    if not shards:
+        raise ValueError(
+            "data.train_shards is empty: give a shard pattern, e.g. 'data/train/shard-{000000..000009}.tar'"
+        )
+    _check_num_classes(cfg, shards)
+    transform = train_transform(
+        cfg.size, mean=mean, std=std, scale=cfg.scale, flip=cfg.flip, randaugment=cfg.randaugment
+    )
+    clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=True, clips=1, transform=transform)
+    stream = ClipStream(
+        expand_shards(shards),
+        clip,
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        resampled=resampled,
+        shuffle=True,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+    steps = steps_per_epoch(dataclasses.replace(cfg, train_shards=shards), world_size) if resampled else None
+    return VideoLoader(stream, num_workers=cfg.num_workers, steps=steps, epoch=epoch, with_keys=with_keys)
+
+
+def build_eval_loader(
+    cfg: DataCfg,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rank: int = 0,
+    world_size: int = 1,
+    with_keys: bool = False,
+    shards: str | None = None,
+) -> VideoLoader:
+    """The evaluation loader: every sample of `cfg.val_shards` exactly once over all ranks and loader workers.
+
+    Yields (video float32 (B, V, T, C, H, W), label int64 (B,)) with V = test_clips x test_crops (clip-major); the
+    last partial batch is kept, so ranks may see different numbers of batches: gather metrics, not per-step
+    collectives.
+
+    Args:
+        cfg: Data config (val_shards, batch_size, num_workers, frames, sampler, stride, size, test_clips, test_crops).
+        mean: Backbone preprocessing mean.
+        std: Backbone preprocessing std.
+        rank: This worker's rank.
+        world_size: Number of workers.
+        with_keys: Also yield the list of sample keys as a third element.
+        shards: Shard pattern overriding `cfg.val_shards`.
+    """
+    shards = shards or cfg.val_shards
+    if not shards:
+        raise ValueError("data.val_shards is empty: give a shard pattern, e.g. 'data/val/shard-{000000..000003}.tar'")
+    _check_num_classes(cfg, shards)
+    transform = eval_transform(cfg.size, mean=mean, std=std, crops=cfg.test_crops)
+    clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=False, clips=cfg.test_clips, transform=transform)
+    stream = ClipStream(
+        expand_shards(shards),
+        clip,
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+        resampled=False,
+        shuffle=False,
+        shuffle_buffer=0,
+    )
+    return VideoLoader(stream, num_workers=cfg.num_workers, steps=None, epoch=0, with_keys=with_keys)

@@ -1,0 +1,187 @@
+"""Multi-view evaluation and prediction: `i2v eval`, `i2v predict`, and the validation pass of training.
+
+A batch of videos arrives as (B, V, T, C, H, W) with V = clips x crops views; the model sees (B*V, T, C, H, W) and
+the softmax is averaged over views (EVL / mmaction2 `average_clips='prob'`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from i2v.config import ExperimentCfg
+from i2v.methods import VideoMethod, create_model
+
+
+@torch.no_grad()
+def view_probs(forward: Callable, video: torch.Tensor, autocast=None) -> torch.Tensor:
+    """(B, V, T, C, H, W) -> class probabilities (B, K) averaged over the V views."""
+    B, V = video.shape[:2]
+    with autocast or contextlib.nullcontext():
+        logits = forward(video.flatten(0, 1))
+    return logits.float().softmax(-1).unflatten(0, (B, V)).mean(1)
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Callable,
+    batches: Iterable,
+    num_classes: int,
+    device: torch.device,
+    *,
+    lockstep: bool = False,
+    autocast=None,
+) -> dict:
+    """Top-1 / top-5 / per-class accuracy and the confusion matrix, summed over all ranks.
+
+    Args:
+        forward: The model (or its engine).
+        batches: (video (B, V, T, C, H, W), label (B,)) pairs; each rank passes its own share.
+        num_classes: K.
+        device: Where the model runs.
+        lockstep: Every rank runs the same number of forwards (ZeRO-3: forwards are collectives); a rank whose share
+            is exhausted runs dummy batches until all are.
+        autocast: Autocast context for the forward.
+    """
+    K = num_classes
+    confusion = torch.zeros(K, K, dtype=torch.float64)
+    top5 = torch.zeros(1, dtype=torch.float64)
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if lockstep:  # [has a batch, its shape]: MAX over ranks says whether to go on, and the dummy's shape
+            info = torch.tensor([1.0, 1, *batch[0].shape[1:]] if batch is not None else [0.0] * 7, dtype=torch.float64)
+            dist.all_reduce(info, op=dist.ReduceOp.MAX)
+            if not info[0]:
+                break
+            if batch is None:
+                view_probs(forward, torch.zeros(info[1:].long().tolist(), device=device), autocast)
+                continue
+        elif batch is None:
+            break
+        video, label = batch[0].to(device), batch[1].long().cpu()
+        probs = view_probs(forward, video, autocast).cpu()
+        confusion.index_put_((label, probs.argmax(-1)), torch.ones(len(label), dtype=torch.float64), accumulate=True)
+        top5 += (probs.topk(min(5, K), -1).indices == label[:, None]).any(-1).sum()
+    if dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(top5)
+    n = confusion.sum().item()
+    return {
+        "val_top1": confusion.diag().sum().item() / max(n, 1),
+        "val_top5": top5.item() / max(n, 1),
+        "val_clips": int(n),
+        "val_per_class": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
+        "confusion": confusion.long().tolist(),
+    }
+
+
+def load_trained(checkpoint: str | Path, overrides: list[str] = ()) -> tuple[VideoMethod, ExperimentCfg]:
+    """The model of a training checkpoint (run dir's `final.pt`, or a checkpoint directory) in eval mode: frozen
+    backbone from `backbone.pretrained`, trainable weights from the checkpoint."""
+    from i2v.config import apply_overrides
+    from i2v.train.checkpoint import load_trainable
+
+    state, cfg_dict = load_trainable(checkpoint)
+    cfg = ExperimentCfg.from_dict(apply_overrides(cfg_dict, overrides), source=f"{checkpoint} + overrides")
+    cfg.backbone.partition = "replicate"
+    model = create_model(cfg)
+    model.load_trainable_state_dict(state)
+    return model.eval(), cfg
+
+
+def labels_for(cfg: ExperimentCfg) -> list[str]:
+    from i2v.data import read_label_map
+
+    for shards in (cfg.data.train_shards, cfg.data.val_shards):
+        with contextlib.suppress(Exception):
+            return read_label_map(shards)
+    return [str(i) for i in range(cfg.data.num_classes)]
+
+
+def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str | None) -> dict:
+    """`i2v eval`: multi-view testing of a checkpoint on `data.val_shards`; writes metrics JSON + confusion PNG."""
+    from i2v.config import load_config
+    from i2v.data import build_eval_loader
+
+    model, cfg = load_trained(checkpoint, overrides)
+    if config is not None:  # data/eval settings (views, shards) may come from another experiment file
+        cfg.data = load_config(config, overrides).data
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    loader = build_eval_loader(cfg.data, mean=model.backbone.mean, std=model.backbone.std)
+    metrics = evaluate(model, loader, cfg.data.num_classes, device, autocast=autocast)
+    metrics["labels"] = labels_for(cfg)
+    metrics["views"] = cfg.data.test_clips * cfg.data.test_crops
+    metrics["skipped"] = loader.skipped.to_dict()
+    out_dir = Path(out or Path(checkpoint).resolve().parent / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+    os.replace(tmp, out_dir / "metrics.json")
+    plot_confusion(metrics["confusion"], metrics["labels"], out_dir / "confusion.png")
+    metrics["out"] = str(out_dir)
+    return metrics
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = len(confusion)
+    fig, ax = plt.subplots(figsize=(2 + 0.25 * K, 2 + 0.25 * K) if K > 8 else (4, 4))
+    ax.imshow(confusion, cmap="Blues")
+    if K <= 40:
+        ax.set_xticks(range(K), labels[:K], rotation=90, fontsize=7)
+        ax.set_yticks(range(K), labels[:K], fontsize=7)
+    if K <= 12:
+        for i in range(K):
+            for j in range(K):
+                ax.text(j, i, confusion[i][j], ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[str] = ()) -> list[dict]:
+    """`i2v predict`: top-k labels with probabilities for each video file (multi-view as configured)."""
+    from i2v.data.transforms import eval_transform
+    from i2v.data.wds import ClipSpec
+
+    model, cfg = load_trained(checkpoint, overrides)
+    d = cfg.data
+    spec = ClipSpec(
+        d.frames,
+        d.sampler,
+        d.stride,
+        train=False,
+        clips=d.test_clips,
+        transform=eval_transform(d.size, mean=model.backbone.mean, std=model.backbone.std, crops=d.test_crops),
+    )
+    labels = labels_for(cfg)
+    results = []
+    for path in videos:
+        ext = Path(path).suffix.lstrip(".").lower() or "mp4"
+        try:
+            video, _ = spec({ext: Path(path).read_bytes(), "cls": b"0"}, random.Random(0))
+        except (OSError, ValueError) as e:
+            results.append({"video": path, "error": f"{type(e).__name__}: {e}"})
+            continue
+        probs = view_probs(model, video[None])[0]
+        p, i = probs.topk(min(topk, len(probs)))
+        results.append({"video": path, "top": [(labels[k], float(v)) for v, k in zip(p.tolist(), i.tolist())]})
+    return results

@@ -1,0 +1,142 @@
+"""Training through Ray Train (2 CPU workers, gloo, ZeRO-3 partitioned tiny backbone) on the synthetic benchmark.
+
+One private local Ray cluster serves the module. The runs are small (4 steps per epoch, 2 epochs) but real:
+shards -> resampled WebDataset loaders -> DeepSpeed -> checkpoints through `ray.train.Checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import ROOT, TINY_METHOD
+
+from i2v.cli import main
+from i2v.config import ConfigError, load_config
+from i2v.train.driver import run_training, validate
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from i2v.data.synth import make_synthetic
+
+    return make_synthetic(
+        tmp_path_factory.mktemp("synth"), classes=("move_right", "move_left"), train=64, val=16, frames=8, size=32
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private local cluster: its own temp dir, no auth token, never an existing cluster (no RAY_ADDRESS)."""
+    import ray
+
+    saved = {k: os.environ.pop(k, None) for k in ("RAY_ADDRESS",)}
+    os.environ.update(RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
+    temp = f"/tmp/i2v-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    ray.init(address="local", num_cpus=4, include_dashboard=True, _temp_dir=temp)
+    yield
+    ray.shutdown()
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def smoke_overrides(shards, method="side4video", *overrides) -> list[str]:
+    return [
+        f"method.name={method}",
+        *(TINY_METHOD[method] if method != "side4video" else []),  # smoke.yaml's side network is already tiny
+        f"data.train_shards={shards.train}",
+        f"data.val_shards={shards.val}",
+        "data.size=32",
+        "data.num_workers=0",
+        "train.epochs=2",
+        "train.cpus_per_worker=1",
+        *overrides,
+    ]
+
+
+def smoke(shards, method="side4video", *overrides):
+    return load_config(ROOT / "configs/smoke.yaml", smoke_overrides(shards, method, *overrides))
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    summary = run_training(smoke(shards), out, progress=False)
+    return out, summary
+
+
+def test_run_writes_summary_and_final_checkpoint(uninterrupted):
+    out, summary = uninterrupted
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("val_top1", "val_top5", "epoch", "train_clips_per_s", "peak_mem_mb"):
+        assert on_disk[key] is not None, key
+    assert on_disk["epoch"] == 2 and on_disk["steps"] == 2 * 4  # 64 clips / (2 ranks x batch 8) per epoch
+    assert 0.0 <= on_disk["val_top1"] <= 1.0 and on_disk["peak_mem_mb"] > 0
+    assert (out / "final.pt").is_file() and any((out / "tensorboard").iterdir())
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_bit_identically(uninterrupted, shards, tmp_path):
+    # The last worker dies at the first step of epoch 2; Ray restarts the group from the epoch-1 checkpoint.
+    out = tmp_path / "faulty"
+    summary = run_training(
+        smoke(shards, "side4video", "train.fail_at_step=4", "train.max_failures=1"), out, progress=False
+    )
+    assert (out / "fault_injected").exists()
+    assert summary["steps"] == uninterrupted[1]["steps"] == 8
+    expected = weights(uninterrupted[0])
+    got = weights(out)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_resume_by_name_after_a_failed_run_is_bit_identical(uninterrupted, shards, tmp_path):
+    out = tmp_path / "resumed"
+    cfg_args = ["side4video", "train.fail_at_step=4", "train.max_failures=0"]
+    with pytest.raises(Exception, match="injected fault"):
+        run_training(smoke(shards, *cfg_args), out, progress=False)
+    assert not (out / "summary.json").exists()
+    # `i2v train` with the same run directory picks the run up from its epoch-1 checkpoint.
+    overrides = smoke_overrides(shards, *cfg_args)
+    assert main(["train", str(ROOT / "configs/smoke.yaml"), *overrides, "--out", str(out), "--no-progress"]) == 0
+    expected, got = weights(uninterrupted[0]), weights(out)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("method", ["st_adapter", "linear_probe"])
+def test_other_methods_train_by_a_one_word_override(method, shards, ray_cluster, tmp_path):
+    summary = run_training(smoke(shards, method, "train.epochs=1"), tmp_path / method, progress=False)
+    assert summary["steps"] == 4 and summary["val_top1"] is not None
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method.side_width=48"], "side_width: 48 must be a multiple of method.side_head_dim=32"),
+        (["method.kernel_t=9"], "data.frames: 8 is shorter than method.kernel_t=9"),
+        (
+            ["data.train_shards=/nonexistent/shard-{000000..000003}.tar"],
+            "data.train_shards: 4 of 4 shards do not exist",
+        ),
+        (["data.num_classes=5"], "data.num_classes: 5, but the label map next to the shards has 2 classes"),
+    ],
+)
+def test_bad_configs_fail_before_any_worker_starts(overrides, needle, shards):
+    import ray
+
+    was_running = ray.is_initialized()
+    cfg = load_config(ROOT / "configs/smoke.yaml", [f"data.train_shards={shards.train}", *overrides])
+    with pytest.raises(ConfigError, match=needle.replace("{", r"\{").replace("}", r"\}")):
+        validate(cfg)
+    assert ray.is_initialized() == was_running
+
+
+def test_cli_reports_config_errors_without_starting_ray(capsys):
+    assert main(["train", str(ROOT / "configs/smoke.yaml"), "method.name=nope"]) == 2
+    assert "method.name: unknown method 'nope'" in capsys.readouterr().err
