@@ -131,7 +131,8 @@ def test_bad_configs_fail_before_any_worker_starts(overrides, needle, shards):
     import ray
 
     was_running = ray.is_initialized()
-    cfg = load_config(ROOT / "configs/smoke.yaml", [f"data.train_shards={shards.train}", *overrides])
+    shard_overrides = [f"data.train_shards={shards.train}", f"data.val_shards={shards.val}"]
+    cfg = load_config(ROOT / "configs/smoke.yaml", [*shard_overrides, *overrides])
     with pytest.raises(ConfigError, match=needle.replace("{", r"\{").replace("}", r"\}")):
         validate(cfg)
     assert ray.is_initialized() == was_running

@@ -61,7 +61,7 @@ def validate(cfg: ExperimentCfg) -> None:
             )
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -73,20 +73,16 @@ def _init_ray(address: str | None) -> None:
         ray.init(address="local")
 
 
-def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None, progress: bool = True) -> dict:
-    """Trains `cfg` with Ray Train; returns (and writes to `out/summary.json`) the final figures."""
+def make_trainer(cfg: ExperimentCfg, out: Path, progress: bool = False, callbacks: list | tuple = ()):
+    """The `TorchTrainer` of one run: Ray Train names the run after `out` and stores it in `out.parent`, so the same
+    `out` resumes it. Used by `run_training` and by Tune trials (which add `TuneReportCallback`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from i2v.train.loop import train_fn_per_worker
 
-    validate(cfg)
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"i2v: run directory {out}", flush=True)
-    _init_ray(address)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(out), "cwd": os.getcwd(), "progress": progress},
         scaling_config=ScalingConfig(
@@ -98,9 +94,13 @@ def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None
             storage_path=str(out.parent),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks) or None,
         ),
     )
-    result = trainer.fit()
+
+
+def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
+    """Writes `out/summary.json` and `out/final.pt` (a copy of the last checkpoint's state) from a Ray Result."""
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -121,6 +121,16 @@ def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
     return summary
+
+
+def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None, progress: bool = True) -> dict:
+    """Trains `cfg` with Ray Train; returns (and writes to `out/summary.json`) the final figures."""
+    validate(cfg)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"i2v: run directory {out}", flush=True)
+    init_ray(address)
+    return summarise(cfg, out, make_trainer(cfg, out, progress).fit())
 
 
 def format_summary(summary: dict) -> str:
