@@ -86,6 +86,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """`i2v tune ...` is `python -m tune.sweep ...` (the i2v library never imports the top-level tune package)."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "tune.sweep", *args.args])
+
+
 def _list_methods(args: argparse.Namespace) -> int:
     from i2v.methods import METHODS, list_methods
 
@@ -139,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("tune", help="Ray Tune sweep (= python -m tune.sweep; see its --help)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_tune)
+
     p = sub.add_parser("list-methods", help="list the registered methods")
     p.set_defaults(func=_list_methods)
 
@@ -146,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_data_parser(sub)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "tune":  # everything after `tune` belongs to tune.sweep
+        args.args = [*extra, *args.args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except ConfigError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,19 @@ def tiny_cfg(method: str, *overrides: str, frames: int = 4, num_classes: int = 5
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One private local Ray cluster for the Ray tests: its own temp dir, no auth token, never an existing cluster
+    (RAY_ADDRESS is ignored), DeepSpeed on the CPU accelerator."""
+    import ray
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
+    temp = f"/tmp/i2v-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    ray.init(address="local", num_cpus=4, include_dashboard=True, _temp_dir=temp)
+    yield
+    ray.shutdown()
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved

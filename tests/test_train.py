@@ -7,7 +7,6 @@ shards -> resampled WebDataset loaders -> DeepSpeed -> checkpoints through `ray.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -27,20 +26,6 @@ def shards(tmp_path_factory):
     return make_synthetic(
         tmp_path_factory.mktemp("synth"), classes=("move_right", "move_left"), train=64, val=16, frames=8, size=32
     )
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A private local cluster: its own temp dir, no auth token, never an existing cluster (no RAY_ADDRESS)."""
-    import ray
-
-    saved = {k: os.environ.pop(k, None) for k in ("RAY_ADDRESS",)}
-    os.environ.update(RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
-    temp = f"/tmp/i2v-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
-    ray.init(address="local", num_cpus=4, include_dashboard=True, _temp_dir=temp)
-    yield
-    ray.shutdown()
-    os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 def smoke_overrides(shards, method="side4video", *overrides) -> list[str]:
