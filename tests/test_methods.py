@@ -206,3 +206,29 @@ def test_zeroi2v_merged_costs_what_the_image_model_costs():
 def test_config_errors_surface_before_building():
     with pytest.raises(ConfigError):
         tiny_cfg("st_adapter", "method.bottleneck=1.5")
+
+
+@pytest.mark.parametrize("name", ["st_adapter", "zeroi2v", "side4video", "full_finetune"])
+def test_grad_checkpointing_gives_identical_gradients(name):
+    model = create_model(tiny_cfg(name)).train()
+    _perturb(model)
+    for m in model.modules():  # dropout masks would differ between the two passes
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = video()
+    calls = [0]
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    grads, counts = [], []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        calls[0] = 0
+        torch.manual_seed(1)
+        model(x).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        counts.append(calls[0])
+    assert counts[1] > counts[0]  # activations really were recomputed in backward
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
