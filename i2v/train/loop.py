@@ -58,10 +58,7 @@ class Trainer:
     """The state of one worker: model, the three partition modes' step functions, metrics."""
 
     def __init__(self, cfg: ExperimentCfg, device: torch.device, rank: int, world: int, steps_per_epoch: int):
-        import ray.train
-
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.steps_per_epoch = steps_per_epoch
         self.opt_steps_per_epoch = max(1, steps_per_epoch // cfg.train.accum_steps)
         self.zero3 = cfg.backbone.partition == "zero3"
         seed_all(cfg.train.seed)  # identical trainable init on every rank
@@ -108,8 +105,7 @@ class Trainer:
         # bf16 autocast on GPU; on CPU fp32 unless the frozen weights were asked for in bf16
         bf16 = device.type == "cuda" or cfg.backbone.precision == "bf16"
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
-        self.ray_train = ray.train
+        self.step, self.step_in_epoch = 0, 0
 
     # -- one optimisation step ------------------------------------------------------------------------------------
     def train_step(self, video: torch.Tensor, label: torch.Tensor, boundary: bool) -> tuple[float, float]:
@@ -261,7 +257,9 @@ def train_fn_per_worker(config: dict) -> None:
 
 def _report(t: Trainer, metrics: dict, epoch: int, run_dir: Path) -> None:
     """`ray.train.report` from every rank (it is collective), with a checkpoint of what trains."""
+    import ray.train
+
     with tempfile.TemporaryDirectory(dir=os.environ.get("I2V_TMPDIR")) as d:
         ckpt.save(t, Path(d), epoch=epoch)
         has_files = any(Path(d).iterdir())  # rank 0 only, except for sharded DeepSpeed checkpoints
-        t.ray_train.report(metrics, checkpoint=t.ray_train.Checkpoint.from_directory(d) if has_files else None)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
