@@ -153,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list-methods", help="list the registered methods")
     p.set_defaults(func=_list_methods)
 
+    from i2v.bench import add_parser as add_bench_parser
     from i2v.data.cli import add_parser as add_data_parser
+    from i2v.plan import add_parser as add_plan_parser
 
     add_data_parser(sub)
+    add_bench_parser(sub)
+    add_plan_parser(sub)
 
     args, extra = parser.parse_known_args(argv)
     if args.command == "tune":  # everything after `tune` belongs to tune.sweep

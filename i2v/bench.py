@@ -1,0 +1,566 @@
+"""`i2v bench train | infer`: what each method costs to train and to run, between the two physical bounds.
+
+    i2v bench train --backbone ViT-B-16 --frames 8 --batch 2 --methods all --json docs/bench/train.json
+    i2v bench infer --backbone ViT-B-16 --frames 8 --batch 1 --json docs/bench/infer.json
+
+Every row runs in a fresh subprocess (`python -m i2v.bench _worker SPEC`), so one row's allocator state and peak
+never leak into the next. Weights are random (`backbone.pretrained` stays None), data are random tensors of the
+right shape, the optimizer is AdamW over `model.trainable_parameters()`.
+
+Training rows, one step = zero_grad -> forward (bf16 autocast with `--amp`) -> cross-entropy -> backward -> AdamW
+step, after `warmup` steps:
+- `act_mem_mb`: bytes autograd saves for backward in one step (`saved_tensors_hooks`, each storage counted once,
+  parameters and buffers excluded). Device-independent; the figure shared/METHODS.md §5 quotes for the reference code.
+- `peak_live_mb`: peak bytes of tensors created during one step and still alive (a `TorchDispatchMode` following
+  every storage to its release): saved activations + transient buffers + gradients. Device-independent.
+- `peak_mem_mb`: the device's own peak during a step, above the baseline taken once model, optimizer and batch were
+  built; it includes AdamW states. CPU: peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`); CUDA:
+  `max_memory_allocated` (`reserved_mb`: `max_memory_reserved`, same baseline rule).
+- `step_s`: median wall time of `steps` steps (the first one also carries the memory probes, which cost microseconds);
+  `step_cpu_s`: median CPU time of the process over the same steps, which other jobs on a shared machine disturb
+  far less than wall time (use `--threads 1` there: idle OpenMP threads spin while waiting for a busy core).
+
+Reference rows bounding every method:
+- `floor_nograd`: the frozen image tower on every frame under `torch.no_grad` (`backbone.embed_frames`). It saves
+  nothing, so its `act_mem_mb` is its working set: the peak of live tensors created during the forward (beyond
+  weights and input). Every method runs this forward, so no method can need less activation memory than this;
+  a side network that never back-propagates into the backbone adds only what its own layers save.
+- `full_finetune`: every weight trains (the usual ceiling; an in-block method can still exceed it, see docs/bench.md).
+
+MB = 2**20 bytes throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import re
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from i2v.config import ExperimentCfg, load_config
+
+_logger = logging.getLogger(__name__)
+
+MB: Final = 2**20
+FLOOR: Final = "floor_nograd"
+CEILING: Final = "full_finetune"
+IMAGE: Final = "image_backbone"  # `bench infer` reference row: the image tower on every frame
+RATIOS: Final = {
+    "act": "act_mem_mb",
+    "live": "peak_live_mb",
+    "peak": "peak_mem_mb",
+    "step": "step_s",
+    "step_cpu": "step_cpu_s",
+}
+# Named presets benchmarked next to the registered methods (row name -> config overrides).
+VARIANTS: Final[dict[str, list[str]]] = {
+    "st_adapter_12x384_pre_mlp": ["method.name=st_adapter", "method.position=pre_mlp"],  # released K400 preset
+    "st_adapter_24x384": ["method.name=st_adapter", "method.position=both"],  # released SSv2 preset
+    "side4video_light": ["method.name=side4video", "method.side_width=128"],  # Table 2 light variant (4.4 M)
+    "side4video_ckpt": ["method.name=side4video", "method.grad_checkpointing=true"],  # recompute side blocks
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory probes (device-independent)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage (the C++ StorageImpl): one key per block of memory on real devices, like
+    `data_ptr()`, and still distinct for meta and fake tensors, whose storages have no address."""
+    return t.untyped_storage()._cdata
+
+
+def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Runs `fn` and returns the bytes autograd saved for backward meanwhile, each storage once, `exclude` (the
+    weights) left out."""
+    skip = {storage_key(t) for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if (k := storage_key(t)) not in skip:
+            seen[k] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of tensor storages created while active and not yet freed; `peak` is their maximum.
+
+    Outputs that share a storage with an input (views, in-place ops) are not new memory; tensors that existed before
+    (weights, optimizer states) are not counted. Works on any device, including fake tensors, so the planner runs
+    the same probe without allocating.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.alive: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (k := storage_key(t)) not in inputs and k not in self.alive:
+                st = t.untyped_storage()
+                self.alive.add(k)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, k, st.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.alive.discard(key)
+        self.live -= nbytes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Device memory: peak since the last reset, in MB
+
+
+def _proc_status_mb(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS follows live memory
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+def current_mb(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) now: CUDA caching-allocator figures, or RSS twice on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MB, torch.cuda.memory_reserved(device) / MB
+    rss = _proc_status_mb("VmRSS")
+    return rss, rss
+
+
+def peak_mb(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) peaks since `reset_peak`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / MB, torch.cuda.max_memory_reserved(device) / MB
+    hwm = _proc_status_mb("VmHWM")
+    return hwm, hwm
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result) of `fn()`, synchronising CUDA around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Workers (run inside the per-row subprocess)
+
+
+def row_config(row: str, backbone: str, frames: int, num_classes: int, overrides: Iterable[str] = ()) -> ExperimentCfg:
+    """Config of a benchmark row: a registered method, a `VARIANTS` preset, or the floor (the linear probe's
+    backbone). `overrides` (e.g. `backbone.precision=bf16`) apply to every row."""
+    method = ["method.name=linear_probe"] if row in (FLOOR, IMAGE) else VARIANTS.get(row, [f"method.name={row}"])
+    base = [f"backbone.name={backbone}", f"data.frames={frames}", f"data.num_classes={num_classes}"]
+    return load_config(None, [*base, *method, *overrides])
+
+
+def _setup(spec: dict) -> tuple:
+    from i2v.methods import create_model
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cfg = row_config(spec["row"], spec["backbone"], spec["frames"], spec["num_classes"], spec["overrides"])
+    model = create_model(cfg, device=device)
+    B, T = spec["batch"], cfg.data.frames
+    video = torch.randn(B, T, 3, *model.backbone.image_size, device=device)
+    labels = torch.randint(0, cfg.data.num_classes, (B,), device=device)
+    return device, cfg, model, video, labels
+
+
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, video: torch.Tensor, labels: torch.Tensor, amp: bool = False
+) -> None:
+    """What the benchmark measures: zero_grad -> forward (bf16 autocast if `amp`) -> cross-entropy -> backward ->
+    optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(video)
+    F.cross_entropy(logits.float(), labels).backward()
+    opt.step()
+
+
+def train_worker(spec: dict) -> dict:
+    """One training row (or the no-grad floor): memory probes and step times."""
+    device, cfg, model, video, labels = _setup(spec)
+    floor = spec["row"] == FLOOR
+    params = model.trainable_parameters()
+    opt = None if floor else torch.optim.AdamW(params, lr=1e-4)
+    model.eval() if floor else model.train()
+
+    amp = spec.get("amp", False)
+
+    def step() -> None:
+        if floor:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                model.backbone.embed_frames(video)
+        else:
+            train_step(model, opt, video, labels, amp=amp)
+
+    weights = [*model.parameters(), *model.buffers()]
+    reset_peak(device)
+    base, base_reserved = current_mb(device)
+    for _ in range(spec["warmup"]):
+        step()
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    reset_peak(device)
+    wall, cpu, act = timed(lambda: saved_bytes(step, weights), device)
+    peak, peak_reserved = peak_mb(device)
+    times = [(wall, cpu)] + [timed(step, device)[:2] for _ in range(spec["steps"] - 1)]
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    with LiveBytes() as live:
+        step()
+    record = {
+        "method": spec["row"],
+        "method_name": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "frames": cfg.data.frames,
+        "batch": spec["batch"],
+        "num_classes": cfg.data.num_classes,
+        "device": str(device),
+        "overrides": list(spec["overrides"]),
+        "trainable_params": 0 if floor else sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "act_mem_mb": (live.peak if floor else act) / MB,
+        "peak_live_mb": live.peak / MB,
+        "peak_mem_mb": peak - base,
+        "step_s": statistics.median(t for t, _ in times),
+        "step_cpu_s": statistics.median(c for _, c in times),
+        "step_times_s": [t for t, _ in times],
+        "amp": amp,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        record["reserved_mb"] = peak_reserved - base_reserved
+    return record
+
+
+def infer_worker(spec: dict) -> dict:
+    """Inference latency per clip of a method before and after `merge()`, and of the plain image tower in the same
+    process (interleaved with the merged model, so machine load hits both alike)."""
+    device, cfg, model, video, _ = _setup(spec)
+    model.eval()
+    B = video.shape[0]
+
+    def per_clip(fns: list[Callable[[], object]]) -> list[tuple[float, float]]:
+        """Median (wall, CPU) seconds per clip of each function, the functions taking turns."""
+        with torch.no_grad():
+            for fn in fns:
+                for _ in range(spec["warmup"]):
+                    fn()
+            times = [[timed(fn, device)[:2] for fn in fns] for _ in range(spec["steps"])]
+        return [tuple(statistics.median(t[i][k] for t in times) / B for k in (0, 1)) for i in range(len(fns))]
+
+    def image_model() -> torch.Tensor:
+        return model.backbone.embed_frames(video)
+
+    image = spec["row"] == IMAGE
+    ((wall, cpu),) = per_clip([image_model if image else lambda: model(video)])
+    merged = model.merge()
+    # the image row races itself here: its ratio shows how much timing noise there is
+    (merged_wall, merged_cpu), (backbone_wall, backbone_cpu) = per_clip(
+        [image_model if image else lambda: merged(video), image_model]
+    )
+    return {
+        "method": spec["row"],
+        "latency_s": wall,
+        "latency_cpu_s": cpu,
+        "merged_latency_s": merged_wall,
+        "merged_cpu_s": merged_cpu,
+        "backbone_s": backbone_wall,
+        "backbone_cpu_s": backbone_cpu,
+        "merged_vs_backbone": merged_wall / backbone_wall,
+        "merged_vs_backbone_cpu": merged_cpu / backbone_cpu,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_isolated(spec: dict) -> dict:
+    """Runs one worker in a fresh Python process and returns its record."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "i2v.bench", "_worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker for {spec['row']!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Drivers
+
+
+def expand_methods(methods: str) -> list[str]:
+    """'all' -> every registered method and every `VARIANTS` preset; otherwise a comma list of those names."""
+    from i2v.methods import list_methods
+
+    known = [*list_methods(), *VARIANTS]
+    names = known if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in known and n != FLOOR]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {known} or 'all'")
+    return names
+
+
+def bench_train(
+    backbone: str,
+    frames: int = 8,
+    batch: int = 2,
+    methods: str = "all",
+    device: str = "cpu",
+    steps: int = 3,
+    warmup: int = 1,
+    num_classes: int = 400,
+    overrides: Iterable[str] = (),
+    threads: int = 0,
+    amp: bool = False,
+) -> list[dict]:
+    """Benchmarks one training step of every method plus the two reference rows; one subprocess per row.
+
+    Returns:
+        One record per row, `floor_nograd` first and `full_finetune` last, with ratios to both.
+    """
+    names = [n for n in expand_methods(methods) if n not in (FLOOR, CEILING)]
+    records = []
+    for row in [FLOOR, *names, CEILING]:
+        spec = dict(row=row, backbone=backbone, frames=frames, batch=batch, device=device, steps=steps)
+        spec |= dict(warmup=warmup, num_classes=num_classes, overrides=list(overrides), threads=threads, amp=amp)
+        records.append(run_isolated(spec))
+        r = records[-1]
+        _logger.info(
+            "%-28s act %8.1f MB  peak %8.1f MB  %.3f s/step", row, r["act_mem_mb"], r["peak_mem_mb"], r["step_s"]
+        )
+    return add_ratios(records)
+
+
+def add_ratios(records: list[dict]) -> list[dict]:
+    """Adds `{act,live,peak,step}_vs_{floor,full}`: each figure of `RATIOS` over the floor's and full fine-tuning's."""
+    ref = {r["method"]: r for r in records}
+    for r in records:
+        for short, key in RATIOS.items():
+            r[f"{short}_vs_floor"] = r[key] / max(ref[FLOOR][key], 1e-9)
+            r[f"{short}_vs_full"] = r[key] / max(ref[CEILING][key], 1e-9)
+    return records
+
+
+def bench_infer(
+    backbone: str,
+    frames: int = 8,
+    batch: int = 1,
+    methods: str = "all",
+    device: str = "cpu",
+    steps: int = 10,
+    warmup: int = 2,
+    num_classes: int = 400,
+    overrides: Iterable[str] = (),
+    threads: int = 0,
+) -> list[dict]:
+    """Inference GFLOPs and latency per clip, before and after `merge()`, against the plain image tower.
+
+    GFLOPs come from `i2v.describe` (one clip on the meta device); latencies from one subprocess per method.
+    """
+    from i2v.describe import count_flops, describe
+    from i2v.methods import create_model
+
+    records = []
+    rows = [n for n in expand_methods(methods) if n != "side4video_ckpt"]  # checkpointing changes nothing at inference
+    for row in [IMAGE, *rows]:
+        spec = dict(row=row, backbone=backbone, frames=frames, batch=batch, device=device, steps=steps)
+        spec |= dict(warmup=warmup, num_classes=num_classes, overrides=list(overrides), threads=threads, mode="infer")
+        r = run_isolated(spec)
+        cfg = row_config(row, backbone, frames, num_classes, overrides)
+        if row == IMAGE:
+            visual = create_model(cfg, device="meta").backbone.visual
+            flops = count_flops(visual, torch.empty(frames, 3, *visual.image_size, device="meta")) / 1e9
+            r |= {"gflops": flops, "merged_gflops": flops}
+        else:
+            d = describe(cfg)
+            r |= {"gflops": d.get("gflops_unmerged", d["gflops"]), "merged_gflops": d["gflops"]}
+            r["params"], r["merged_params"] = d["total_params"], d["inference_params"]
+        records.append(r)
+        _logger.info(
+            "%-28s %7.1f GFLOPs  %.3f s/clip (merged %.3f)", row, r["gflops"], r["latency_s"], r["merged_latency_s"]
+        )
+    base = records[0]
+    for r in records:
+        r["gflops_vs_backbone"] = r["merged_gflops"] / base["merged_gflops"]
+        r["backbone"], r["frames"], r["batch"], r["device"] = backbone, frames, batch, device
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown_train(records: list[dict]) -> str:
+    head = (
+        "| method | trainable | act MB | act / floor | act / full FT | peak live MB | live / floor | device peak MB | "
+        "peak / floor | peak / full FT | step s | step CPU s | CPU / full FT |"
+    )
+    lines = [head, "|---" + "|---:" * 12 + "|"]
+    for r in records:
+        lines.append(
+            f"| `{r['method']}` | {r['trainable_params']:,} | {r['act_mem_mb']:,.0f} | {r['act_vs_floor']:.2f} | "
+            f"{r['act_vs_full']:.2f} | {r['peak_live_mb']:,.0f} | {r['live_vs_floor']:.2f} | "
+            f"{r['peak_mem_mb']:,.0f} | {r['peak_vs_floor']:.2f} | {r['peak_vs_full']:.2f} | "
+            f"{r['step_s']:.2f} | {r['step_cpu_s']:.2f} | {r['step_cpu_vs_full']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_infer(records: list[dict]) -> str:
+    head = (
+        "| method | GFLOPs / clip | merged GFLOPs | GFLOPs / image tower | ms / clip | merged ms | "
+        "merged / image tower | merged CPU ms | CPU / image tower |"
+    )
+    lines = [head, "|---" + "|---:" * 8 + "|"]
+    for r in records:
+        lines.append(
+            f"| `{r['method']}` | {r['gflops']:.1f} | {r['merged_gflops']:.1f} | {r['gflops_vs_backbone']:.3f} | "
+            f"{r['latency_s'] * 1e3:,.0f} | {r['merged_latency_s'] * 1e3:,.0f} | {r['merged_vs_backbone']:.3f} | "
+            f"{r['merged_cpu_s'] * 1e3:,.0f} | {r['merged_vs_backbone_cpu']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_train(records: list[dict], path: Path) -> None:
+    """Bar charts of activation memory, device peak and step time per method, with floor and ceiling lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["method"] not in (FLOOR, CEILING)]
+    ref = {r["method"]: r for r in records}
+    step = ("step_cpu_s", "step, CPU time (s)") if records[0]["device"] == "cpu" else ("step_s", "step (s)")
+    panels = [("act_mem_mb", "saved for backward (MB)"), ("peak_mem_mb", "device peak (MB)"), step]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(rows) + 1.8), sharey=True)
+    for ax, (key, label) in zip(axes, panels):
+        ax.barh([r["method"] for r in rows], [r[key] for r in rows], color="tab:blue")
+        ax.axvline(ref[FLOOR][key], color="tab:green", ls="--", label=f"floor (no-grad forward) {ref[FLOOR][key]:,.1f}")
+        ax.axvline(ref[CEILING][key], color="tab:red", ls="--", label=f"full fine-tuning {ref[CEILING][key]:,.1f}")
+        ax.set_xlabel(label)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].invert_yaxis()
+    r0 = records[0]
+    fig.suptitle(f"{Path(r0['backbone']).stem}, {r0['frames']} frames, batch {r0['batch']}, {r0['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(records: list[dict], json_path: str | Path, kind: str) -> list[Path]:
+    """Writes PATH (JSON), PATH.md (Markdown table) and, for training, PATH.png; returns the paths."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    md = path.with_suffix(".md")
+    md.write_text((markdown_train if kind == "train" else markdown_infer)(records) + "\n")
+    out = [path, md]
+    if kind == "train":
+        plot_train(records, path.with_suffix(".png"))
+        out.append(path.with_suffix(".png"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    kind = args.bench_command
+    fn, extra = (bench_train, {"amp": args.amp}) if kind == "train" else (bench_infer, {})
+    records = fn(
+        args.backbone,
+        frames=args.frames,
+        batch=args.batch,
+        methods=args.methods,
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        num_classes=args.num_classes,
+        overrides=args.set,
+        threads=args.threads,
+        **extra,
+    )
+    print((markdown_train if kind == "train" else markdown_infer)(records))
+    if args.json:
+        for p in write_outputs(records, args.json, kind):
+            print(f"wrote {p}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers `bench` with sub-commands `train` and `infer` on the `i2v` parser; each sets `func(args) -> int`."""
+    parser = subparsers.add_parser("bench", help="training memory/speed and inference cost of every method")
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    for name, batch, steps, warmup, help_ in (
+        ("train", 2, 3, 1, "one training step per method: saved activations, peak memory, step time"),
+        ("infer", 1, 10, 2, "inference GFLOPs and latency per clip before/after merge(), vs the image tower"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--backbone", default="ViT-B-16", help="open_clip model name or model-config .json")
+        p.add_argument("--frames", type=int, default=8)
+        p.add_argument("--batch", type=int, default=batch, help="clips per step")
+        p.add_argument("--methods", default="all", help=f"comma list of methods / presets ({', '.join(VARIANTS)})")
+        p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        p.add_argument("--steps", type=int, default=steps, help="measured steps (median reported)")
+        p.add_argument("--warmup", type=int, default=warmup, help="unmeasured steps first")
+        p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+        p.add_argument("--num-classes", type=int, default=400)
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every row")
+        p.add_argument("--json", default=None, metavar="PATH", help="write PATH (+ .md table, + .png chart)")
+        p.set_defaults(func=_cmd)
+    p = sub.choices["train"]
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (e.g. with --set backbone.precision=bf16)")
+    return parser
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_worker"]:
+        spec = json.loads(sys.argv[2])
+        print(json.dumps((infer_worker if spec.get("mode") == "infer" else train_worker)(spec)))
+        sys.exit(0)
+    _parser = argparse.ArgumentParser(prog="python -m i2v.bench")
+    add_parser(_parser.add_subparsers(dest="command", required=True))
+    _args = _parser.parse_args(["bench", *sys.argv[1:]])
+    sys.exit(_args.func(_args))

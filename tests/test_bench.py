@@ -1,0 +1,91 @@
+"""The benchmark harness on the tiny backbone: records, reference rows, reports. No timing asserts (STYLE.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import TINY_VIT
+
+from i2v import bench, plan
+from i2v.bench import CEILING, FLOOR, LiveBytes, saved_bytes
+
+REQUIRED = {"method", "peak_mem_mb", "act_mem_mb", "step_s", "trainable_params", "peak_live_mb"}
+
+
+def test_a_row_runs_in_a_fresh_process():
+    spec = dict(row=FLOOR, backbone=TINY_VIT, frames=4, batch=2, device="cpu", steps=1, warmup=0)
+    record = bench.run_isolated(spec | dict(num_classes=5, overrides=[], threads=1))
+    assert REQUIRED <= record.keys() and record["method"] == FLOOR and record["threads"] == 1
+
+
+def test_train_harness_writes_records_with_reference_rows_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_isolated", bench.train_worker)  # in-process here; the test above covers spawning
+    records = bench.bench_train(TINY_VIT, frames=4, batch=2, methods="m_adapter", steps=1, warmup=0, num_classes=5)
+    assert [r["method"] for r in records] == [FLOOR, "m_adapter", CEILING]
+    assert all(REQUIRED <= r.keys() for r in records)
+    floor, side, full = records
+    assert floor["trainable_params"] == 0 and floor["act_mem_mb"] > 0
+    assert side["trainable_params"] > 0 and full["trainable_params"] > 0
+    assert side["act_vs_floor"] == pytest.approx(side["act_mem_mb"] / floor["act_mem_mb"])
+    assert full["act_vs_full"] == pytest.approx(1.0)
+
+    paths = bench.write_outputs(records, tmp_path / "train.json", "train")
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    assert json.loads(paths[0].read_text()) == records
+    assert all(f"| `{r['method']}` |" in paths[1].read_text() for r in records)
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_infer_worker_reports_merged_latency_against_the_image_tower():
+    spec = dict(row="zeroi2v", backbone=TINY_VIT, frames=4, batch=1, device="cpu", steps=1, warmup=0)
+    r = bench.infer_worker(spec | dict(num_classes=5, overrides=[], mode="infer"))
+    assert r["method"] == "zeroi2v" and r["latency_s"] > 0 and r["merged_latency_s"] > 0 and r["backbone_s"] > 0
+    assert r["merged_vs_backbone"] == pytest.approx(r["merged_latency_s"] / r["backbone_s"])
+
+
+def test_saved_bytes_counts_each_storage_once_and_skips_weights():
+    w = torch.nn.Parameter(torch.randn(256))
+    x = torch.randn(256, requires_grad=True)
+    assert saved_bytes(lambda: x * x) == 256 * 4  # saved twice (both operands), one storage
+    assert saved_bytes(lambda: x[:128] * x[128:]) == 256 * 4  # two views of one storage
+    assert saved_bytes(lambda: x * w, exclude=[w]) == 256 * 4
+    with torch.no_grad():
+        assert saved_bytes(lambda: x * w) == 0
+
+
+def test_live_bytes_follows_allocations_to_their_release():
+    with LiveBytes() as live:
+        a = torch.ones(1000)
+        b = a * 2
+        a.add_(1)  # in place: no new memory
+        del a, b
+        c = torch.ones(10)
+    assert live.peak == 2 * 4000 and live.live == c.nbytes
+
+
+def test_cpu_peak_rss_can_be_reset_and_read():
+    cpu = torch.device("cpu")
+    bench.reset_peak(cpu)
+    base, _ = bench.current_mb(cpu)
+    x = torch.ones(64 * 2**20 // 4)
+    del x
+    peak, _ = bench.peak_mb(cpu)
+    assert peak - base > 50
+
+
+def test_parsers_register_their_commands():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench.add_parser(sub)
+    plan.add_parser(sub)
+    args = parser.parse_args(["bench", "train", "--methods", "side4video,st_adapter_24x384", "--json", "x.json"])
+    assert args.func is bench._cmd and args.batch == 2 and args.methods == "side4video,st_adapter_24x384"
+    args = parser.parse_args(["bench", "infer"])
+    assert args.func is bench._cmd and args.batch == 1
+    args = parser.parse_args(["plan", "--backbone", "EVA02-E-14", "--gpus", "8", "--gpu-mem", "80"])
+    assert args.func is plan._cmd and args.gpus == 8 and args.precision == "bf16"
+    with pytest.raises(ValueError, match="unknown"):
+        bench.expand_methods("side4video,nope")

@@ -1,0 +1,77 @@
+"""The memory planner: its fake-tensor activation model against real CPU measurements on the tiny backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_VIT, tiny_cfg
+
+from i2v import bench
+from i2v.methods import create_model, list_methods
+from i2v.plan import format_plan, format_validation, linear, measure_step, plan, predict, validate
+
+
+def measured(cfg, batch: int) -> tuple[int, int]:
+    """(saved-for-backward bytes, step peak of live bytes) of a real CPU training step after one warm-up step."""
+    model = create_model(cfg).train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    video = torch.randn(batch, cfg.data.frames, 3, 32, 32)
+    labels = torch.randint(0, cfg.data.num_classes, (batch,))
+    bench.train_step(model, opt, video, labels)
+    opt.zero_grad(set_to_none=True)
+    weights = [*model.parameters(), *model.buffers()]
+    with bench.LiveBytes() as live:
+        saved = bench.saved_bytes(lambda: bench.train_step(model, opt, video, labels), weights)
+    return saved, live.peak
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_planner_predicts_measured_memory_within_15_percent(method):
+    cfg = tiny_cfg(method)
+    m = measure_step(cfg, (1, 2))  # fitted on 1 and 2 clips ...
+    saved, live = measured(cfg, 3)  # ... checked on 3
+    fixed, per_clip = linear(m["saved"])
+    assert fixed + 3 * per_clip == pytest.approx(saved, rel=0.15)
+    fixed, per_clip = linear(m["live"])
+    assert fixed + 3 * per_clip == pytest.approx(live, rel=0.15)
+
+
+def test_plan_terms_fit_and_largest_batch():
+    p = plan(tiny_cfg("side4video"), batch=4, gpus=4, gpu_mem_gb=1.0, headroom=0.0, amp=False)
+    rep, z3 = p["partitions"]["replicate"], p["partitions"]["zero3"]
+    assert z3["frozen_weights_gb"] < rep["frozen_weights_gb"]
+    assert z3["trainable_and_adamw_gb"] == rep["trainable_and_adamw_gb"]  # side network: DDP, replicated
+    for part in (rep, z3):
+        terms = part["frozen_weights_gb"] + part["trainable_and_adamw_gb"] + part["step_peak_gb"]
+        assert part["total_gb"] == pytest.approx(terms)
+        assert part["fits"] and part["max_batch"] >= 4
+        # the largest batch fits and one more does not
+        room = p["usable_gb"] - part["frozen_weights_gb"] - part["trainable_and_adamw_gb"] - p["step_fixed_gb"]
+        assert part["max_batch"] * p["step_per_clip_gb"] <= room < (part["max_batch"] + 1) * p["step_per_clip_gb"]
+    assert "largest batch per GPU" in format_plan(p)
+
+
+def test_predict_partitions_in_block_methods_and_reports_what_does_not_fit():
+    m = measure_step(tiny_cfg("st_adapter"), (1, 2))
+    p = predict(m, batch=2, gpus=4, gpu_mem_gb=1.0)["partitions"]
+    # joint ZeRO-3 engine: trainable weights and AdamW states are sharded too
+    assert p["zero3"]["trainable_and_adamw_gb"] == pytest.approx(p["replicate"]["trainable_and_adamw_gb"] / 4)
+    tight = predict(m, batch=2, gpus=1, gpu_mem_gb=1e-4)["partitions"]["replicate"]
+    assert not tight["fits"] and tight["max_batch"] == 0
+
+
+def test_bf16_runs_the_step_under_autocast_with_half_size_frozen_weights():
+    fp32 = measure_step(tiny_cfg("m_adapter"), (1, 2))
+    bf16 = measure_step(tiny_cfg("m_adapter", "backbone.precision=bf16"), (1, 2), amp=True)
+    assert bf16["frozen"] == pytest.approx(fp32["frozen"] / 2, rel=0.01)
+    assert 0 < linear(bf16["live"])[1] < linear(fp32["live"])[1]
+
+
+def test_validate_compares_with_benchmark_records():
+    # a bf16 backbone under autocast, as on GPUs: the planner follows the benchmark's dtypes
+    spec = dict(row="st_adapter", backbone=TINY_VIT, frames=4, batch=2, device="cpu", steps=1, warmup=1, amp=True)
+    record = bench.train_worker(spec | dict(num_classes=5, overrides=["backbone.precision=bf16"]))
+    (row,) = validate([record])
+    assert abs(row["act_mem_mb_err"]) < 0.15 and abs(row["peak_live_mb_err"]) < 0.15
+    assert row["peak_mem_mb_pred"] > row["peak_live_mb_pred"] > 0
+    assert "`st_adapter`" in format_validation([row])
