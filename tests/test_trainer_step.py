@@ -16,9 +16,11 @@ def test_gradient_accumulation_steps_once_with_the_big_batch_gradient():
         t = Trainer(cfg, torch.device("cpu"), rank=0, world=1, steps_per_epoch=8)
         before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
         steps = []
-        t.optimizer.register_step_pre_hook(
-            lambda opt, *_: steps.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.requires_grad})
-        )
+
+        def record(opt, *_, model=t.model, steps=steps):
+            steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+        t.optimizer.register_step_pre_hook(record)
         if accum == 1:
             t.train_step(video, label, boundary=True)
         else:  # two half batches; the optimizer steps once, at the boundary
