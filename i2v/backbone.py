@@ -114,6 +114,15 @@ def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, b
     return path, bool(pcfg.get("quick_gelu", False))
 
 
+def image_norm(name: str, pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std the weights were trained with: the pretrained tag's own (e.g. SigLIP's 0.5), else CLIP's."""
+    model_name = Path(name).stem if name.endswith(".json") else name
+    pcfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    mean = pcfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
+    std = pcfg.get("std") or open_clip.OPENAI_DATASET_STD
+    return tuple(mean), tuple(std)
+
+
 def load_visual_state_dict(visual: nn.Module, path: str) -> None:
     """Loads a full-CLIP or visual-only checkpoint into a vision tower; any missing or unexpected key is an error
     (silently unloaded weights are a known failure in this field, cf. adapt-image-models#25)."""
@@ -295,6 +304,5 @@ def load_backbone(cfg: BackboneCfg, device: torch.device | str | None = None) ->
         _logger.info("loaded %s weights from %s", cfg.name, path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     visual.to(dtype)
-    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    mean, std = image_norm(cfg.name, cfg.pretrained)
     return VideoBackbone(visual, embed_dim, mean, std).freeze()

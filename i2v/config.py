@@ -157,7 +157,7 @@ class TrainCfg:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
+    checkpoint_every: int = 0  # also checkpoint every N training steps, at accumulation boundaries (0: per epoch)
     keep_checkpoints: int = 2
     fail_at_step: int = -1  # fault injection: the last worker raises once at this global step (tests, drills)
 

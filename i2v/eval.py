@@ -51,13 +51,15 @@ def evaluate(
         autocast: Autocast context for the forward.
     """
     K = num_classes
-    confusion = torch.zeros(K, K, dtype=torch.float64)
-    top5 = torch.zeros(1, dtype=torch.float64)
+    # Counts live on the device: NCCL all-reduces no CPU tensors.
+    confusion = torch.zeros(K, K, dtype=torch.float64, device=device)
+    top5 = torch.zeros(1, dtype=torch.float64, device=device)
     it = iter(batches)
     while True:
         batch = next(it, None)
         if lockstep:  # [has a batch, its shape]: MAX over ranks says whether to go on, and the dummy's shape
-            info = torch.tensor([1.0, 1, *batch[0].shape[1:]] if batch is not None else [0.0] * 7, dtype=torch.float64)
+            shape = [1.0, 1, *batch[0].shape[1:]] if batch is not None else [0.0] * 7
+            info = torch.tensor(shape, dtype=torch.float64, device=device)
             dist.all_reduce(info, op=dist.ReduceOp.MAX)
             if not info[0]:
                 break
@@ -66,13 +68,15 @@ def evaluate(
                 continue
         elif batch is None:
             break
-        video, label = batch[0].to(device), batch[1].long().cpu()
-        probs = view_probs(forward, video, autocast).cpu()
-        confusion.index_put_((label, probs.argmax(-1)), torch.ones(len(label), dtype=torch.float64), accumulate=True)
+        video, label = batch[0].to(device), batch[1].long().to(device)
+        probs = view_probs(forward, video, autocast)
+        ones = torch.ones(len(label), dtype=torch.float64, device=device)
+        confusion.index_put_((label, probs.argmax(-1)), ones, accumulate=True)
         top5 += (probs.topk(min(5, K), -1).indices == label[:, None]).any(-1).sum()
     if dist.is_initialized():
         dist.all_reduce(confusion)
         dist.all_reduce(top5)
+    confusion, top5 = confusion.cpu(), top5.cpu()
     n = confusion.sum().item()
     return {
         "val_top1": confusion.diag().sum().item() / max(n, 1),
@@ -114,9 +118,11 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
     model, cfg = load_trained(checkpoint, overrides)
     if config is not None:  # data/eval settings (views, shards) may come from another experiment file
         cfg.data = load_config(config, overrides).data
+    from i2v.train.loop import autocast_for
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device, model.backbone.dtype)
     loader = build_eval_loader(cfg.data, mean=model.backbone.mean, std=model.backbone.std)
     metrics = evaluate(model, loader, cfg.data.num_classes, device, autocast=autocast)
     metrics["labels"] = labels_for(cfg)
@@ -161,6 +167,7 @@ def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[s
     """`i2v predict`: top-k labels with probabilities for each video file (multi-view as configured)."""
     from i2v.data.transforms import eval_transform
     from i2v.data.wds import ClipSpec
+    from i2v.train.loop import autocast_for
 
     model, cfg = load_trained(checkpoint, overrides)
     d = cfg.data
@@ -181,7 +188,7 @@ def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[s
         except (OSError, ValueError) as e:
             results.append({"video": path, "error": f"{type(e).__name__}: {e}"})
             continue
-        probs = view_probs(model, video[None])[0]
+        probs = view_probs(model, video[None], autocast_for(torch.device("cpu"), model.backbone.dtype))[0]
         p, i = probs.topk(min(topk, len(probs)))
         results.append({"video": path, "top": [(labels[k], float(v)) for v, k in zip(p.tolist(), i.tolist())]})
     return results

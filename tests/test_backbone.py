@@ -93,3 +93,11 @@ def test_unknown_backbone_names_say_what_is_accepted(tmp_path):
         load_backbone(BackboneCfg(name="ViT-Q-99"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone(BackboneCfg(name=str(tmp_path / "missing.json")))
+
+
+def test_input_normalisation_follows_the_pretrained_tag():
+    from i2v.backbone import image_norm
+
+    assert image_norm("ViT-B-16-SigLIP", "webli") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert image_norm("ViT-B-16", "openai")[0] == tuple(open_clip.OPENAI_DATASET_MEAN)
+    assert image_norm(TINY_VIT, None)[1] == tuple(open_clip.OPENAI_DATASET_STD)

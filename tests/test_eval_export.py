@@ -88,3 +88,10 @@ def test_export_zeroi2v_is_a_plain_open_clip_tower_plus_head(tmp_path, shards):
     assert not any("adapter" in k for k in tensors)
     with pytest.raises(ValueError, match="not an i2v export"):
         load_exported(tmp_path / "tower.safetensors")
+
+
+def test_bf16_frozen_weights_predict_on_cpu(tmp_path, shards, capsys):
+    ckpt, _ = make_checkpoint(tmp_path, shards, "st_adapter")
+    video = sorted((Path(shards.val).parents[1] / "videos" / "val").glob("*.mp4"))[0]
+    assert main(["predict", "--checkpoint", str(ckpt), str(video), "--set", "backbone.precision=bf16"]) == 0
+    assert "move_" in capsys.readouterr().out

@@ -47,6 +47,7 @@ def save(t, directory: Path, epoch: int) -> None:
         "epoch": epoch,
         "step": t.step,
         "step_in_epoch": t.step_in_epoch,
+        "schedule": schedule_of(t),
         "rng": rng_state(),
         "cfg": t.cfg.to_dict(),
     }
@@ -54,8 +55,13 @@ def save(t, directory: Path, epoch: int) -> None:
         from i2v.train import deepspeed as ds
 
         ds.save_engine(t.engine, directory / "engine", tag="shards")
-        with ds.gathered(t.model.trainable_parameters()):
-            model = {k: v.detach().clone().cpu() for k, v in t.model.trainable_state_dict().items()}
+        # One parameter at a time (a joint engine may train the whole tower: never gather it all at once).
+        params = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+        model = {}
+        for k, v in t.model.trainable_state_dict().items():
+            with ds.gathered([params[k]] if k in params else []):
+                if _rank() == 0:
+                    model[k] = (params[k] if k in params else v).detach().clone().cpu()
     else:
         model = {k: v.detach().cpu() for k, v in t.model.trainable_state_dict().items()}
         state["optimizer"] = t.optimizer.state_dict()
@@ -64,8 +70,19 @@ def save(t, directory: Path, epoch: int) -> None:
         atomic_save(state | {"model": model}, directory / STATE)
 
 
+def schedule_of(t) -> dict:
+    """What fixes the meaning of a step: resuming with other values would replay another schedule."""
+    return {"steps_per_epoch": t.steps_per_epoch, "accum_steps": t.cfg.train.accum_steps, "epochs": t.cfg.train.epochs}
+
+
 def load(t, directory: Path) -> dict:
     state = torch.load(directory / STATE, map_location="cpu", weights_only=False)  # holds numpy RNG state
+    if state.get("schedule", schedule_of(t)) != schedule_of(t):
+        raise ValueError(
+            f"{directory}: this run was trained with {state['schedule']}, the config now gives {schedule_of(t)} "
+            f"(train.epochs, train.accum_steps, data.batch_size, data.epoch_clips, train.num_workers); resume with "
+            f"the same values or start a new run directory (--out)"
+        )
     now = t.cfg.to_dict()
     for section in ("backbone", "method"):
         if state["cfg"][section] != now[section]:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from i2v.backbone import VideoBackbone, build_vision_tower, model_config, resolve_pretrained, skip_init
+from i2v.backbone import VideoBackbone, build_vision_tower, image_norm, model_config, resolve_pretrained, skip_init
 from i2v.config import ExperimentCfg
 
 _logger = logging.getLogger(__name__)
@@ -99,14 +99,9 @@ def build_partitioned_backbone(cfg: ExperimentCfg) -> VideoBackbone:
         visual = build_vision_tower(cfg.backbone.name, quick_gelu=quick_gelu)
     if path:
         load_partitioned(visual, path)
-    import open_clip
 
-    return VideoBackbone(
-        visual,
-        model_config(cfg.backbone.name)[1]["embed_dim"],
-        open_clip.OPENAI_DATASET_MEAN,
-        open_clip.OPENAI_DATASET_STD,
-    ).freeze()
+    embed_dim = model_config(cfg.backbone.name)[1]["embed_dim"]
+    return VideoBackbone(visual, embed_dim, *image_norm(cfg.backbone.name, cfg.backbone.pretrained)).freeze()
 
 
 def register_external_parameters(module: nn.Module, backbone: VideoBackbone) -> None:
@@ -180,4 +175,6 @@ def save_engine(engine, directory: Path, tag: str) -> None:
 
 
 def load_engine(engine, directory: Path, tag: str) -> None:
-    engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+    if path is None:  # DeepSpeed returns (None, None) instead of raising when shards are missing
+        raise FileNotFoundError(f"{directory}: no DeepSpeed shards with tag {tag!r} (is the run directory shared?)")

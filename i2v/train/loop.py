@@ -11,6 +11,7 @@ averaging, `ray.train.report` + checkpoint every epoch (and every `train.checkpo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import resource
@@ -40,18 +41,26 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
+def autocast_for(device: torch.device, frozen_dtype: torch.dtype):
+    """bf16 autocast on GPU; on CPU fp32, or the frozen weights' half dtype when they are stored in one."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=frozen_dtype, enabled=frozen_dtype != torch.float32)
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce of a few floats, on the training device (NCCL has no CPU tensors)."""
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 class Trainer:
@@ -59,7 +68,8 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentCfg, device: torch.device, rank: int, world: int, steps_per_epoch: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.opt_steps_per_epoch = max(1, steps_per_epoch // cfg.train.accum_steps)
+        self.steps_per_epoch = steps_per_epoch
+        self.opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.train.accum_steps)  # the last window may be short
         self.zero3 = cfg.backbone.partition == "zero3"
         seed_all(cfg.train.seed)  # identical trainable init on every rank
         if self.zero3:
@@ -83,6 +93,8 @@ class Trainer:
             )
             self.forward = self.engine
         else:
+            for p in model.trainable_parameters():  # e.g. ZeroI2V's ln_post in a bf16 tower: AdamW needs fp32
+                p.data = p.data.float()
             if self.zero3:
                 from i2v.train import deepspeed as ds
 
@@ -102,21 +114,24 @@ class Trainer:
                 )
             self.optimizer = build_optimizer(model, cfg.train)
             self.scheduler = build_scheduler(self.optimizer, cfg.train, self.opt_steps_per_epoch)
-        # bf16 autocast on GPU; on CPU fp32 unless the frozen weights were asked for in bf16
-        bf16 = device.type == "cuda" or cfg.backbone.precision == "bf16"
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.autocast = autocast_for(device, model.backbone.dtype)
         self.step, self.step_in_epoch = 0, 0
 
     # -- one optimisation step ------------------------------------------------------------------------------------
-    def train_step(self, video: torch.Tensor, label: torch.Tensor, boundary: bool) -> tuple[float, float]:
+    def train_step(
+        self, video: torch.Tensor, label: torch.Tensor, boundary: bool, window: int | None = None
+    ) -> tuple[float, float]:
+        """One micro-batch; the optimizer steps at `boundary`. `window`: micro-batches in this accumulation window
+        (the last one of an epoch may be shorter than `train.accum_steps`)."""
         with self.autocast:
             logits = self.forward(video)
             loss = F.cross_entropy(logits.float(), label, label_smoothing=self.cfg.train.label_smoothing)
         if self.engine is not None:  # DeepSpeed owns accumulation, clipping, the optimizer and the schedule
+            self.engine.set_gradient_accumulation_boundary(boundary)  # our windows, not its own micro-step count
             self.engine.backward(loss)
             self.engine.step()
         else:
-            (loss / self.cfg.train.accum_steps).backward()
+            (loss / (window or self.cfg.train.accum_steps)).backward()
             if boundary:
                 if self.cfg.train.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.train.grad_clip)
@@ -129,7 +144,12 @@ class Trainer:
     def evaluate(self, loader) -> dict:
         self.model.eval()
         metrics = evaluate(
-            self.forward, loader, self.cfg.data.num_classes, self.device, lockstep=self.zero3, autocast=self.autocast
+            self.engine if self.engine is not None else self.model,  # not through DDP (no buffer broadcasts)
+            loader,
+            self.cfg.data.num_classes,
+            self.device,
+            lockstep=self.zero3,
+            autocast=self.autocast,
         )
         self.model.train()
         return metrics
@@ -188,8 +208,10 @@ def train_fn_per_worker(config: dict) -> None:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     t.model.train()
     for epoch in range(start_epoch, cfg.train.epochs):
-        # Seeded per (seed, epoch, rank): a resumed run replays exactly what an uninterrupted one would.
-        seed_all(cfg.train.seed * 1_000_003 + epoch * 1_009 + rank)
+        # Seeded per (seed, epoch, rank): a run resumed at an epoch boundary replays exactly what an uninterrupted one
+        # would. A partial epoch (mid-epoch checkpoint) goes on from the checkpoint's RNG state instead.
+        if not skip_steps:
+            seed_all(cfg.train.seed * 1_000_003 + epoch * 1_009 + rank)
         remaining = steps - skip_steps
         loader = build_train_loader(
             cfg.data,
@@ -212,8 +234,10 @@ def train_fn_per_worker(config: dict) -> None:
                 break
             t.step_in_epoch = skip_steps + i + 1
             _maybe_inject_fault(cfg, run_dir, t.step, rank, world)
-            boundary = t.step_in_epoch % cfg.train.accum_steps == 0 or t.step_in_epoch == steps
-            loss, ok = t.train_step(video.to(t.device), label.to(t.device), boundary)
+            accum = cfg.train.accum_steps
+            boundary = t.step_in_epoch % accum == 0 or t.step_in_epoch == steps
+            window = min(accum, steps - (t.step_in_epoch - 1) // accum * accum)
+            loss, ok = t.train_step(video.to(t.device), label.to(t.device), boundary, window)
             t.step += 1
             loss_sum += loss * len(label)
             correct += ok
@@ -221,15 +245,20 @@ def train_fn_per_worker(config: dict) -> None:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if cfg.train.checkpoint_every and t.step % cfg.train.checkpoint_every == 0 and t.step_in_epoch < steps:
+            if (
+                cfg.train.checkpoint_every
+                and boundary
+                and t.step % cfg.train.checkpoint_every == 0
+                and t.step_in_epoch < steps
+            ):
                 metrics = {"epoch": epoch, "step": t.step, "loss": loss}
                 _report(t, metrics, epoch, run_dir)
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - started
-        loss_sum, correct, clips = _all_reduce([loss_sum, correct, clips])
-        (elapsed,) = _all_reduce([elapsed], dist.ReduceOp.MAX)
-        (peak,) = _all_reduce([peak_mem_mb(device)], dist.ReduceOp.MAX)
+        loss_sum, correct, clips = _all_reduce([loss_sum, correct, clips], device)
+        (elapsed,) = _all_reduce([elapsed], device, dist.ReduceOp.MAX)
+        (peak,) = _all_reduce([peak_mem_mb(device)], device, dist.ReduceOp.MAX)
         metrics = {
             "epoch": epoch + 1,
             "step": t.step,
