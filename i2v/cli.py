@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from i2v.config import ConfigError, load_config
+from i2v.files import atomic_write
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -34,9 +35,7 @@ def _describe(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from i2v.config import ExperimentCfg
+from i2v.files import atomic_write
 from i2v.methods import VideoMethod, create_model
 
 
@@ -130,9 +131,7 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
     metrics["skipped"] = loader.skipped.to_dict()
     out_dir = Path(out or Path(checkpoint).resolve().parent / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     plot_confusion(metrics["confusion"], metrics["labels"], out_dir / "confusion.png")
     metrics["out"] = str(out_dir)
     return metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from i2v.config import ConfigError, ExperimentCfg, load_config
+from i2v.files import atomic_write
 from tune.spaces import load_space, with_overrides
 
 _logger = logging.getLogger(__name__)
@@ -154,15 +156,13 @@ def _first_line(error: BaseException) -> str:
 def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None:
     """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "results.csv", table.getvalue())
     md = markdown(rows, keys)
-    (out / "results.md.tmp").write_text(md + "\n")
-    os.replace(out / "results.md.tmp", out / "results.md")
+    atomic_write(out / "results.md", md + "\n")
     print(md, flush=True)
     ok = [r for r in rows if r["status"] == "ok" and r["best_val_top1"] is not None]
     if ok:
@@ -170,8 +170,7 @@ def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None
         params = {k: best[k] for k in keys if "." in k}
         cfg = with_overrides(best_base.to_dict(), params, source="best trial")
         header = f"# Best trial {best['trial']} of the sweep in {out} (val top-1 {best['best_val_top1']:.4f}).\n"
-        (out / "best.yaml.tmp").write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(out / "best.yaml.tmp", out / "best.yaml")
+        atomic_write(out / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(f"tune: best config written to {out / 'best.yaml'} ({params})", flush=True)
     plot(rows, out / "sweep.png")
 

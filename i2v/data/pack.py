@@ -33,6 +33,7 @@ from typing import Final
 from tqdm import tqdm
 
 from i2v.data.video import probe, reencode
+from i2v.files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -224,9 +225,9 @@ def pack(
     }
     rows = io.StringIO()
     csv.writer(rows).writerows([("path", "reason"), *rejects])
-    _atomic_write(out / "rejects.csv", rows.getvalue().encode())
-    _atomic_write(out / "labels.json", json.dumps(labels, indent=1).encode())
-    _atomic_write(out / "index.json", json.dumps(index, indent=1).encode())
+    atomic_write(out / "rejects.csv", rows.getvalue().encode())
+    atomic_write(out / "labels.json", json.dumps(labels, indent=1).encode())
+    atomic_write(out / "index.json", json.dumps(index, indent=1).encode())
     _logger.info("%s: %d samples in %d shards, %d rejected", out, index["samples"], len(plan), len(rejects))
     return pattern
 
@@ -277,7 +278,7 @@ def _pack_shard(
             nbytes += len(data)
     os.replace(tmp, final)
     record = {**signature, "samples": sum(classes.values()), "bytes": nbytes, "rejects": rejects, "classes": classes}
-    _atomic_write(out / ".parts" / f"{final.stem}.json", json.dumps(record).encode())
+    atomic_write(out / ".parts" / f"{final.stem}.json", json.dumps(record).encode())
     return json.loads(json.dumps(record))  # same types as a record read back on resume
 
 
@@ -306,12 +307,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same input, same bytes
     tar.addfile(info, io.BytesIO(data))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _shard_name(i: int) -> str:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from i2v.config import ConfigError, ExperimentCfg
+from i2v.files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -117,9 +118,7 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
         shutil.copyfile(Path(result.checkpoint.path) / "state.pt", final.with_suffix(".pt.tmp"))
         os.replace(final.with_suffix(".pt.tmp"), final)
         summary["checkpoint"] = str(final)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
