@@ -187,7 +187,7 @@ def row_config(row: str, backbone: str, frames: int, num_classes: int, overrides
     backbone). `overrides` (e.g. `backbone.precision=bf16`) apply to every row."""
     method = ["method.name=linear_probe"] if row in (FLOOR, IMAGE) else VARIANTS.get(row, [f"method.name={row}"])
     base = [f"backbone.name={backbone}", f"data.frames={frames}", f"data.num_classes={num_classes}"]
-    return load_config(None, [*base, *method, *overrides])
+    return load_config(None, list(overrides), defaults=[*base, *method])  # `overrides` may replace the row's keys
 
 
 def _setup(spec: dict) -> tuple:

@@ -28,9 +28,8 @@ def _describe(args: argparse.Namespace) -> int:
             f"backbone.name={args.backbone}",
             f"data.frames={args.frames}",
             f"data.num_classes={args.num_classes}",
-            *args.set,
         ]
-        rows.append(describe(load_config(args.config, overrides)))
+        rows.append(describe(load_config(args.config, args.set, defaults=overrides)))  # --set may replace a flag
     print(format_table(rows))
     if args.json:
         path = Path(args.json)

@@ -186,8 +186,17 @@ def method_cfg(name: str, source: str = "<dict>", **kwargs) -> MethodCfg:
 # Loading and overrides
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentCfg:
-    """Reads a YAML experiment file (or starts from defaults) and applies `key=value` overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    defaults: list[str] | tuple[str, ...] = (),
+) -> ExperimentCfg:
+    """Reads a YAML experiment file (or starts from defaults) and applies `key=value` overrides.
+
+    Each key may be given once in `overrides` (and once in `defaults`). `defaults` are applied first, so `overrides`
+    may set their keys again: a CLI flag's value under the user's `--set`, `--set` under a sweep's `--trial-set`.
+    """
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -200,20 +209,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    apply_overrides(raw, defaults)
     apply_overrides(raw, overrides)
-    if overrides:
+    if overrides or defaults:
         source += " + overrides"
     return ExperimentCfg.from_dict(raw, source)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Applies dotted `key=value` strings to a raw nested dict in place; values are parsed as YAML scalars/lists."""
-    parsed = []
+    """Applies dotted `key=value` strings to a raw nested dict in place; values are parsed as YAML scalars/lists.
+
+    A key given twice is an error, and so is a key together with its own section (`data=...` and `data.frames=8`):
+    "the last one wins" would silently drop a value, e.g. an unquoted `shard-{000000..000239}.tar` that the shell
+    expanded into 240 overrides of the same key.
+    """
+    parsed: list[tuple[list[str], Any]] = []
+    seen: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        keys = [k.strip() for k in key.split(".")]
+        if not sep or not all(keys):
             raise ConfigError(f"overrides: {item!r}: expected key=value, e.g. train.lr=1e-3")
-        parsed.append((key.strip().split("."), yaml.safe_load(value) if value.strip() else None))
+        for other, other_item in seen.items():
+            shorter = min(len(other), len(keys))
+            if list(other[:shorter]) == keys[:shorter]:
+                name = ".".join(keys if len(keys) >= len(other) else other)
+                raise ConfigError(
+                    f"overrides: {name}: given twice ({other_item!r} and {item!r}); give each key once"
+                    " (quote shard patterns like 'shard-{000000..000239}.tar' so the shell does not expand them)"
+                )
+        seen[tuple(keys)] = item
+        parsed.append((keys, yaml.safe_load(value) if value.strip() else None))
     for keys, value in parsed:
         # Switching methods resets the method section: the file's fields belong to the old method.
         if keys == ["method", "name"] and (raw.get("method") or {}).get("name") != value:

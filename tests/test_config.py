@@ -61,3 +61,34 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.lr=1e-3", "train.lr=3e-4"], "train.lr"),
+        (["train.lr=1e-3", " train . lr =3e-4"], "train.lr"),  # the same key, spelt with spaces
+        # What bash makes of an unquoted brace pattern: one override per shard, the last one silently won.
+        ([f"data.train_shards=/data/k400/train/shard-{i:06d}.tar" for i in range(240)], "data.train_shards"),
+        (["method.name=st_adapter", "method.name=side4video"], "method.name"),
+        (["data={frames: 16}", "data.frames=8"], "data.frames"),  # a section and its own key
+        (["data.frames=8", "data={frames: 16}"], "data.frames"),
+        (["method.name=st_adapter", "method={name: zeroi2v}"], "method.name"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^overrides: {key}: given twice \("):
+        load_config(None, overrides)
+
+
+def test_one_value_per_key_still_allows_the_method_switch_and_layered_defaults(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("method:\n  name: st_adapter\n  bottleneck: 128\n")
+    # method.name and other method keys are different keys (the switch resets the file's method section first).
+    cfg = load_config(path, ["method.bottleneck=64", "method.name=zeroi2v", "data.frames=16"])
+    assert (cfg.method.name, cfg.method.bottleneck, cfg.data.frames) == ("zeroi2v", 64, 16)
+    # `defaults` sit under `overrides` (CLI flags under --set, --set under --trial-set): the override wins there.
+    cfg = load_config(path, ["train.epochs=2"], defaults=["train.epochs=30", "train.lr=1e-4"])
+    assert (cfg.train.epochs, cfg.train.lr) == (2, 1e-4)
+    with pytest.raises(ConfigError, match="overrides: train.epochs: given twice"):
+        load_config(path, [], defaults=["train.epochs=30", "train.epochs=3"])

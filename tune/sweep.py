@@ -68,7 +68,7 @@ def run_sweep(
 
     from i2v.train.driver import init_ray, validate
 
-    base = load_config(config, [*overrides, *trial_overrides])
+    base = load_config(config, trial_overrides, defaults=overrides)  # --trial-set may replace a --set key
     params = load_space(space, base.method.name)
     validate(base)  # data and model problems fail here, before any trial
     out = Path(out).resolve()
