@@ -28,13 +28,13 @@ TINY_METHOD = {
 def tiny_cfg(method: str, *overrides: str, frames: int = 4, num_classes: int = 5) -> ExperimentCfg:
     return load_config(
         None,
-        [
+        list(overrides),  # may replace the tiny defaults below (each key once per layer)
+        defaults=[
             f"backbone.name={TINY_VIT}",
             f"method.name={method}",
             f"data.frames={frames}",
             f"data.num_classes={num_classes}",
             *TINY_METHOD[method],
-            *overrides,
         ],
     )
 

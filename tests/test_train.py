@@ -43,7 +43,7 @@ def smoke_overrides(shards, method="side4video", *overrides) -> list[str]:
 
 
 def smoke(shards, method="side4video", *overrides):
-    return load_config(ROOT / "configs/smoke.yaml", smoke_overrides(shards, method, *overrides))
+    return load_config(ROOT / "configs/smoke.yaml", list(overrides), defaults=smoke_overrides(shards, method))
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ def test_bad_configs_fail_before_any_worker_starts(overrides, needle, shards):
 
     was_running = ray.is_initialized()
     shard_overrides = [f"data.train_shards={shards.train}", f"data.val_shards={shards.val}"]
-    cfg = load_config(ROOT / "configs/smoke.yaml", [*shard_overrides, *overrides])
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides, defaults=shard_overrides)
     with pytest.raises(ConfigError, match=needle.replace("{", r"\{").replace("}", r"\}")):
         validate(cfg)
     assert ray.is_initialized() == was_running
