@@ -6,7 +6,8 @@
 
 The method section is resolved through `method.name`. Overriding `method.name` on the command line switches the whole
 method section to that method's defaults (plus any other `method.*` overrides), so one word retargets a run.
-Every error names the source (file or "overrides"), the dotted key, and what was expected.
+Every error names the source (file or "overrides"), the dotted key, and what was expected. A key given twice in
+one override list is an error (the shell's brace expansion of an unquoted shard pattern does exactly that).
 
 Imports only stdlib + yaml: the Ray driver validates configs before any worker (or torch) starts.
 """

@@ -298,3 +298,24 @@ def test_submit_sh_runs_a_tiny_training_job_on_a_local_head(ray_cluster, tmp_pat
     assert summary["epoch"] == 1 and 0.0 <= summary["val_top1"] <= 1.0
     # Both shards were trained on: one epoch is one pass over the 2 x 16 clips (batch 8 on one worker).
     assert summary["steps"] == 32 // 8
+
+
+def test_flag_defaults_and_sweep_layers_may_be_replaced_once(monkeypatch):
+    """Keys a command fills in itself sit under the user's: `--set` replaces a describe flag, `--trial-set` a `--set`
+    key; within one list a key is still given once."""
+    import i2v.describe
+    from i2v.cli import main as i2v_main
+
+    def stop(cfg, *args, **kwargs):
+        raise Parsed(cfg)
+
+    monkeypatch.setattr(i2v.describe, "describe", stop)
+    with pytest.raises(Parsed) as e:
+        i2v_main(["describe", "--method", "linear_probe", "--frames", "8", "--set", "data.frames=16"])
+    assert e.value.args[0].data.frames == 16
+    smoke = str(ROOT / "configs/smoke.yaml")
+    sweep = ["python", "-m", "tune.sweep", smoke, "--space", "bottleneck", "--set", "train.epochs=30", "train.lr=1e-4"]
+    cfg = parse_run([*sweep, "--trial-set", "train.epochs=3"], monkeypatch)
+    assert (cfg.train.epochs, cfg.train.lr) == (3, 1e-4)
+    with pytest.raises(ConfigError, match="train.epochs: given twice"):
+        parse_run([*sweep, "train.epochs=3"], monkeypatch)
