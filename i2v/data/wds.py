@@ -126,7 +126,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
             except (ValueError, KeyError) as e:
                 raise ValueError(f"{index}: not an `i2v data pack` index ({e})") from None
             urls += [str(Path(path) / name) for name in names]
-        elif glob.has_magic(path):
+        elif any(c in path for c in "*?["):
             matches = sorted(glob.glob(path))
             if not matches:
                 raise FileNotFoundError(f"{url}: no file matches")
