@@ -375,10 +375,11 @@ class ClipStream(IterableDataset):
                 samples = itertools.islice(samples, part, None, parts)
             if self.shuffle and self.shuffle_buffer > 1:  # per cycle: no sample of the next cycle comes out early
                 samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-            n = 0
-            for n, sample in enumerate(samples, 1):  # noqa: B007 (n counts the cycle's samples)
+            empty = True
+            for sample in samples:
+                empty = False
                 yield sample
-            if n == 0:  # nothing readable in a whole deal: this slot is done (VideoLoader raises if a rank runs dry)
+            if empty:  # nothing readable in a whole deal: this slot is done (VideoLoader raises if a rank runs dry)
                 return
 
     def _clips(self, samples: Iterator[dict], rng: random.Random, skips: list) -> Iterator[tuple]:
