@@ -24,7 +24,7 @@ import torch
 from i2v.config import DataCfg
 from i2v.data.pack import pack
 from i2v.data.synth import CLASSES, render_clip
-from i2v.data.transforms import CLIP_MEAN, CLIP_STD
+from i2v.data.transforms import CLIP_MEAN, CLIP_STD, normalize
 from i2v.data.video import encode_video
 from i2v.data.wds import build_train_loader
 
@@ -43,6 +43,7 @@ def make_videos(root: Path, clips: int, frames: int, seed: int) -> list[tuple[st
 
 
 def time_loader(pattern: str, workers: int, batch_size: int, batches: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DataCfg(
         train_shards=pattern,
         frames=8,
@@ -54,11 +55,16 @@ def time_loader(pattern: str, workers: int, batch_size: int, batches: int) -> di
         epoch_clips=(batches + 1) * batch_size,
         shuffle_buffer=16,
     )
-    loader = build_train_loader(cfg, mean=CLIP_MEAN, std=CLIP_STD, seed=0)
+    loader = build_train_loader(cfg, seed=0)
     it = iter(loader)
     video, _ = next(it)  # warm-up: worker start, first shard open
     start = time.perf_counter()
-    n = sum(len(label) for _, label in it)
+    n = 0
+    for video, label in it:  # uint8 from the workers; normalised here, as the training loop does on its device
+        normalize(video.to(device, non_blocking=True), CLIP_MEAN, CLIP_STD)
+        n += len(label)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
         "workers": workers,
@@ -66,6 +72,8 @@ def time_loader(pattern: str, workers: int, batch_size: int, batches: int) -> di
         "seconds": round(seconds, 3),
         "clips_per_s": round(n / seconds, 2),
         "batch_shape": list(video.shape),
+        "batch_mb": round(video.numel() * video.element_size() / 2**20, 2),  # uint8 bytes per host-to-device copy
+        "device": str(device),
         "skipped": loader.skipped.count,
     }
 

@@ -142,6 +142,11 @@ class DataCfg:
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     test_clips: int = 1
     test_crops: int = 1
+    eval_batch_size: int | None = 0  # videos per evaluation batch per worker (each has V views); 0 or None = batch_size
+
+    def __post_init__(self):
+        if self.eval_batch_size is not None and self.eval_batch_size < 0:
+            raise ValueError(f"eval_batch_size: {self.eval_batch_size} must be >= 0 (0 or null: data.batch_size)")
 
 
 @dataclass

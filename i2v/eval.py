@@ -1,7 +1,8 @@
 """Multi-view evaluation and prediction: `i2v eval`, `i2v predict`, and the validation pass of training.
 
-A batch of videos arrives as (B, V, T, C, H, W) with V = clips x crops views; the model sees (B*V, T, C, H, W) and
-the softmax is averaged over views (EVL / mmaction2 `average_clips='prob'`).
+A batch of videos arrives as uint8 (B, V, T, C, H, W) with V = clips x crops views; it is copied to the device and
+normalised there (`i2v.data.transforms.normalize`), the model sees (B*V, T, C, H, W) and the softmax is averaged over
+views (EVL / mmaction2 `average_clips='prob'`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import contextlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from i2v.config import ExperimentCfg
+from i2v.config import ConfigError, ExperimentCfg
+from i2v.data.transforms import normalize
 from i2v.files import atomic_write
 from i2v.methods import VideoMethod, create_model
 
@@ -37,6 +39,8 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     *,
+    mean: Sequence[float],
+    std: Sequence[float],
     lockstep: bool = False,
     autocast=None,
 ) -> dict:
@@ -44,9 +48,12 @@ def evaluate(
 
     Args:
         forward: The model (or its engine).
-        batches: (video (B, V, T, C, H, W), label (B,)) pairs; each rank passes its own share.
+        batches: (video uint8 (B, V, T, C, H, W), label (B,)) pairs as the eval loader yields them; each rank passes
+            its own share.
         num_classes: K.
         device: Where the model runs.
+        mean: The backbone's input mean (`model.backbone.mean`), for `normalize` on the device.
+        std: The backbone's input std.
         lockstep: Every rank runs the same number of forwards (ZeRO-3: forwards are collectives); a rank whose share
             is exhausted runs dummy batches until all are.
         autocast: Autocast context for the forward.
@@ -69,7 +76,8 @@ def evaluate(
                 continue
         elif batch is None:
             break
-        video, label = batch[0].to(device), batch[1].long().to(device)
+        video = normalize(batch[0].to(device, non_blocking=True), mean, std)
+        label = batch[1].long().to(device, non_blocking=True)
         probs = view_probs(forward, video, autocast)
         ones = torch.ones(len(label), dtype=torch.float64, device=device)
         confusion.index_put_((label, probs.argmax(-1)), ones, accumulate=True)
@@ -124,8 +132,12 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     autocast = autocast_for(device, model.backbone.dtype)
-    loader = build_eval_loader(cfg.data, mean=model.backbone.mean, std=model.backbone.std)
-    metrics = evaluate(model, loader, cfg.data.num_classes, device, autocast=autocast)
+    try:
+        loader = build_eval_loader(cfg.data)
+    except (OSError, ValueError) as e:  # shards that do not exist, an empty data.val_shards, a class-count mismatch
+        raise ConfigError(f"data.val_shards: {e}") from None
+    mean, std = model.backbone.mean, model.backbone.std
+    metrics = evaluate(model, loader, cfg.data.num_classes, device, mean=mean, std=std, autocast=autocast)
     metrics["labels"] = labels_for(cfg)
     metrics["views"] = cfg.data.test_clips * cfg.data.test_crops
     metrics["skipped"] = loader.skipped.to_dict()
@@ -176,7 +188,7 @@ def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[s
         d.stride,
         train=False,
         clips=d.test_clips,
-        transform=eval_transform(d.size, mean=model.backbone.mean, std=model.backbone.std, crops=d.test_crops),
+        transform=eval_transform(d.size, crops=d.test_crops),
     )
     labels = labels_for(cfg)
     results = []
@@ -187,7 +199,8 @@ def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[s
         except (OSError, ValueError) as e:
             results.append({"video": path, "error": f"{type(e).__name__}: {e}"})
             continue
-        probs = view_probs(model, video[None], autocast_for(torch.device("cpu"), model.backbone.dtype))[0]
+        video = normalize(video[None], model.backbone.mean, model.backbone.std)  # uint8 -> the model's float input
+        probs = view_probs(model, video, autocast_for(torch.device("cpu"), model.backbone.dtype))[0]
         p, i = probs.topk(min(topk, len(probs)))
         results.append({"video": path, "top": [(labels[k], float(v)) for v, k in zip(p.tolist(), i.tolist())]})
     return results

@@ -95,3 +95,35 @@ def test_bf16_frozen_weights_predict_on_cpu(tmp_path, shards, capsys):
     video = sorted((Path(shards.val).parents[1] / "videos" / "val").glob("*.mp4"))[0]
     assert main(["predict", "--checkpoint", str(ckpt), str(video), "--set", "backbone.precision=bf16"]) == 0
     assert "move_" in capsys.readouterr().out
+
+
+def test_eval_and_predict_take_a_pack_directory_and_name_a_missing_one(tmp_path, shards, capsys):
+    ckpt, _ = make_checkpoint(tmp_path, shards, "side4video")
+    val_dir, train_dir = Path(shards.val).parent, Path(shards.train).parent
+    assert main(["eval", "--checkpoint", str(ckpt), f"data.val_shards={val_dir}", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev/metrics.json").read_text())["val_clips"] == 6
+    missing = tmp_path / "val-typo"
+    assert main(["eval", "--checkpoint", str(ckpt), f"data.val_shards={missing}", "--out", str(tmp_path / "x")]) == 2
+    assert f"data.val_shards: 1 of 1 shards do not exist, e.g. {missing}" in capsys.readouterr().err
+    video = sorted((val_dir.parent / "videos" / "val").glob("*.mp4"))[0]
+    overrides = [f"data.train_shards={train_dir}", f"data.val_shards={missing}"]
+    assert main(["predict", "--checkpoint", str(ckpt), str(video), "--set", *overrides]) == 0
+    assert "move_" in capsys.readouterr().out  # label names from the directory's labels.json
+
+
+def test_evaluate_normalises_uint8_clips_on_the_device():
+    from i2v.data.transforms import normalize
+    from i2v.eval import evaluate
+
+    video = torch.randint(0, 256, (3, 2, 4, 3, 8, 8), dtype=torch.uint8)
+    label = torch.tensor([0, 1, 1])
+    seen = []
+
+    def forward(x):
+        seen.append(x)
+        return torch.stack([x.mean(dim=(1, 2, 3, 4)), -x.mean(dim=(1, 2, 3, 4))], -1)
+
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
+    m = evaluate(forward, [(video, label)], 2, torch.device("cpu"), mean=mean, std=std)
+    assert m["val_clips"] == 3 and len(seen) == 1
+    torch.testing.assert_close(seen[0], normalize(video, mean, std).flatten(0, 1))

@@ -2,8 +2,9 @@
 
     i2v data pack --list train.csv --root videos/ --out shards/train     # i2v.data.pack
     i2v data synth --out data/synth                                       # i2v.data.synth
-    loader = build_train_loader(cfg.data, mean=CLIP_MEAN, std=CLIP_STD, rank=r, world_size=w, seed=s)
-    for video, label in loader: ...                                       # (B, T, C, H, W) float32, (B,) int64
+    loader = build_train_loader(cfg.data, rank=r, world_size=w, seed=s)
+    for video, label in loader:                                           # (B, T, C, H, W) uint8, (B,) int64
+        video = normalize(video.to(device, non_blocking=True), CLIP_MEAN, CLIP_STD)  # float32, on the device
     loader.skipped.summary()                                              # corrupt samples skipped so far
 
 See docs/data.md. Names are imported lazily so `import i2v.data` (the CLI, config validation) does not load torch.
@@ -21,10 +22,12 @@ _EXPORTS = {
     "read_shard_index": "i2v.data.wds",
     "count_samples": "i2v.data.wds",
     "expand_shards": "i2v.data.wds",
+    "deal_shards": "i2v.data.wds",
     "SkipCounter": "i2v.data.wds",
     "VideoLoader": "i2v.data.wds",
     "CLIP_MEAN": "i2v.data.transforms",
     "CLIP_STD": "i2v.data.transforms",
+    "normalize": "i2v.data.transforms",
     "train_transform": "i2v.data.transforms",
     "eval_transform": "i2v.data.transforms",
     "make_synthetic": "i2v.data.synth",

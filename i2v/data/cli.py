@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("stats", help="run the training pipeline once over shards; report clips, skips, labels, speed")
-    p.add_argument("shards", help="shard pattern, e.g. 'data/train/shard-{000000..000009}.tar'")
+    p.add_argument("shards", help="`i2v data pack` output dir or a pattern, e.g. 'DIR/shard-{000000..000009}.tar'")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--sampler", choices=["segment", "dense"], default="segment")
@@ -116,6 +117,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from i2v.data.wds import expand_shards
+
+    try:
+        expand_shards(args.shards)
+    except (OSError, ValueError) as e:
+        print(f"i2v data stats: {e}", file=sys.stderr)
+        return 2
     report = run_stats(
         args.shards,
         frames=args.frames,
@@ -149,14 +157,8 @@ def run_stats(
         "clips_per_s", "seconds", "video_shape"}.
     """
     from i2v.config import DataCfg
-    from i2v.data.transforms import CLIP_MEAN, CLIP_STD
     from i2v.data.wds import build_train_loader, read_label_map
 
-    try:
-        names = read_label_map(shards)
-    except (OSError, ValueError) as e:
-        _logger.warning("no label names: %s", e)
-        names = []
     cfg = DataCfg(
         train_shards=shards,
         frames=frames,
@@ -167,7 +169,12 @@ def run_stats(
         num_workers=workers,
         flip=False,
     )
-    loader = build_train_loader(cfg, mean=CLIP_MEAN, std=CLIP_STD, resampled=False)
+    loader = build_train_loader(cfg, resampled=False)  # raises for a path that matches nothing
+    try:
+        names = read_label_map(shards)
+    except (OSError, ValueError) as e:
+        _logger.warning("no label names: %s", e)
+        names = []
     labels, clips, shape = Counter(), 0, None
     start = time.perf_counter()
     for video, label in loader:
@@ -184,7 +191,7 @@ def run_stats(
         "labels": {(names[i] if i < len(names) else str(i)): n for i, n in sorted(labels.items())},
         "clips_per_s": round(clips / seconds, 2) if seconds > 0 else 0.0,
         "seconds": round(seconds, 3),
-        "video_shape": shape,  # (T, C, H, W) per clip
+        "video_shape": shape,  # (T, C, H, W) per clip, uint8 as the loader workers ship it
     }
 
 

@@ -2,9 +2,10 @@
 
 A clip is one uint8 tensor (T, C, H, W). torchvision v2 transforms treat the leading T as a batch dimension and draw
 their random parameters once per call, so every frame of a clip gets the same crop, flip and RandAugment ops.
-Training: RandomResizedCrop -> optional horizontal flip -> optional RandAugment (Cubuk et al., arXiv 1909.13719) ->
-float -> normalise. Testing: resize the short side -> 1 centre crop or 3 crops along the long side (the SlowFast /
-ViViT 3-crop protocol) -> float -> normalise, giving (crops, T, C, H, W).
+Training: RandomResizedCrop -> optional horizontal flip -> optional RandAugment (Cubuk et al., arXiv 1909.13719).
+Testing: resize the short side -> 1 centre crop or 3 crops along the long side (the SlowFast / ViViT 3-crop
+protocol), giving (crops, T, C, H, W). Both stay uint8: loader workers ship uint8 clips (a quarter of float32's bytes
+to pin and copy), and `normalize` turns them into the backbone's float input on the device, after the copy.
 """
 
 from __future__ import annotations
@@ -21,21 +22,31 @@ CLIP_MEAN: Final = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: Final = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalize(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The backbone's input from uint8 clips, on the clips' device: float32 (video / 255 - mean) / std.
+
+    The last step of both transforms, run after the host-to-device copy. Channels are dimension -3, so any leading
+    dimensions work: (B, T, C, H, W) or (B, V, T, C, H, W).
+
+    Raises:
+        TypeError: When `video` is not uint8 (e.g. already normalised).
+    """
+    if video.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 clips as the loaders yield them, got {video.dtype}")
+    return F.normalize(F.to_dtype(video, torch.float32, scale=True), list(mean), list(std))
+
+
 def train_transform(
     size: int,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     scale: Sequence[float] = (0.08, 1.0),
     flip: bool = True,
     randaugment: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Builds the training transform: uint8 (T, C, H, W) -> normalised float32 (T, C, size, size).
+    """Builds the training transform: uint8 (T, C, H, W) -> uint8 (T, C, size, size); `normalize` comes later.
 
     Args:
         size: Output height and width.
-        mean: Per-channel mean of the backbone's preprocessing.
-        std: Per-channel std of the backbone's preprocessing.
         scale: RandomResizedCrop area range.
         flip: Random horizontal flip; turn off for direction-sensitive labels (SSv2, the synthetic benchmark).
         randaugment: Add RandAugment (default torchvision policy: 2 ops, magnitude 9).
@@ -45,29 +56,17 @@ def train_transform(
         ops.append(v2.RandomHorizontalFlip())
     if randaugment:
         ops.append(v2.RandAugment())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 
 
-def eval_transform(
-    size: int, *, mean: Sequence[float], std: Sequence[float], crops: int = 1
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Builds the test transform: uint8 (T, C, H, W) -> normalised float32 (crops, T, C, size, size).
+def eval_transform(size: int, *, crops: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Builds the test transform: uint8 (T, C, H, W) -> uint8 (crops, T, C, size, size); `normalize` comes later.
 
     Args:
         size: Short side after resizing, and crop size.
-        mean: Per-channel mean of the backbone's preprocessing.
-        std: Per-channel std of the backbone's preprocessing.
         crops: 1 (centre) or 3 (start, centre and end of the long side).
     """
-    return v2.Compose(
-        [
-            v2.Resize(size, antialias=True),  # short side -> size
-            MultiCrop(size, crops),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+    return v2.Compose([v2.Resize(size, antialias=True), MultiCrop(size, crops)])  # Resize: short side -> size
 
 
 class MultiCrop(torch.nn.Module):

@@ -1,21 +1,27 @@
 """WebDataset clip pipeline driven by `DataCfg`: the only way training and evaluation read videos.
 
-Stages, each a generator inside one DataLoader worker (see `ClipStream.__iter__`):
-  1. shard URLs (brace patterns, `::`-separated lists; local, `file://`, `pipe:`, http(s), and anything fsspec opens,
-     e.g. `s3://`) -> this (rank, loader worker) slot's shards
+Shards are named the way users name them (`expand_shards`): brace patterns, `::`-separated lists, globs, a directory
+written by `i2v data pack` (all its shards, in index order); local, `file://`, `pipe:`, http(s), and anything fsspec
+opens, e.g. `s3://`. A local path or pattern that matches nothing is an error naming it.
+
+Stages, each a generator inside one DataLoader worker (see `ClipStream.__iter__`), per cycle over the shards:
+  1. the cycle's shard order (one permutation per (seed, epoch, cycle), the same on every slot) -> this (rank, loader
+     worker) slot's deal (`deal_shards`): shards over ranks, then over each rank's workers; a level with fewer shards
+     than parts deals samples instead (each part reads the shards and keeps every n-th sample)
   2. tar members -> samples {__key__, <video ext>, cls, json}           (tar-level errors: skipped, counted)
-  3. finite mode with fewer shards than slots: keep every n-th sample  (exactly-once split)
-  4. seeded shuffle buffer (training)
-  5. PyAV decode of the sampled frames (seeking) -> clip transform     (decode errors: skipped, counted)
-  6. batches (B, T, C, H, W) / (B, V, T, C, H, W), plus the skips seen since the previous batch
+  3. the deal's sample filters                                          (exactly-once split)
+  4. seeded shuffle buffer (training), drained at the end of the cycle
+  5. PyAV decode of the sampled frames (seeking) -> uint8 clip transform (decode errors: skipped, counted)
+  6. batches uint8 (B, T, C, H, W) / (B, V, T, C, H, W), plus the skips seen since the previous batch
+Clips stay uint8 up to the device: consumers call `transforms.normalize` after the (pinned, non_blocking) copy.
 
 Modes:
-- resampled (training): each worker draws shards endlessly (a fresh seeded permutation per cycle) and the loader stops
-  after `steps_per_epoch` batches, the same number on every rank, so collectives never wait for a rank that ran out
-  of data (a finite `split_by_node` with uneven shards hangs DDP/ZeRO-3, SYSTEMS.md section 4.1).
-- finite (evaluation, `i2v data stats`, training-free reading): every sample exactly once over ranks x workers;
-  shards are dealt to the slots when there are at least as many shards as slots, else every slot reads all shards
-  and keeps every n-th sample. The last partial batch is kept.
+- resampled (training): a slot goes through its deal of cycle 0, then of cycle 1 (a fresh permutation), ... and the
+  loader stops after `steps_per_epoch` batches, the same number on every rank, so collectives never wait for a rank
+  that ran out of data (a finite `split_by_node` with uneven shards hangs DDP/ZeRO-3, SYSTEMS.md section 4.1).
+  Cycle 0 is one pass: over an epoch every shard is read once before any is read twice.
+- finite (evaluation, `i2v data stats`, training-free reading): cycle 0 only, so every sample exactly once over
+  ranks x workers. The last partial batch is kept.
 
 Randomness (shard order, shuffle buffer, frame offsets, augmentation) is a function of (seed, epoch, slot) only.
 Skipped samples travel with the batches to the main process and are counted in `VideoLoader.skipped`.
@@ -24,6 +30,7 @@ Skipped samples travel with the batches to the main process and are counted in `
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import json
 import logging
@@ -90,8 +97,59 @@ class SkipCounter:
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """Expands brace patterns and `::`-separated lists into shard URLs, in order."""
-    return list(expand_urls(shards if isinstance(shards, str) else list(shards)))
+    """Shard URLs, in order, from what users pass: the one resolution behind every place that accepts shards.
+
+    After brace expansion and `::` splitting, each local item is
+      - a directory holding `index.json` (an `i2v data pack` output): all of its shards, in index order;
+      - a glob (`*`, `?`, `[`): the sorted matching files;
+      - else a shard file, which must exist.
+    Remote URLs (`s3://`, `http://`, `pipe:`, ...) pass through unchecked.
+
+    Raises:
+        FileNotFoundError: For a local item that matches nothing (the message names it).
+        ValueError: For an empty pattern.
+    """
+    urls, missing = [], []
+    for url in expand_urls(shards if isinstance(shards, str) else list(shards)):
+        path = _local_path(url)
+        if path is None:
+            urls.append(url)
+        elif Path(path).is_dir():
+            index = Path(path) / "index.json"
+            if not index.is_file():
+                raise FileNotFoundError(
+                    f"{url}: a directory without index.json; give an `i2v data pack` output directory or a shard "
+                    f"pattern such as {Path(path) / 'shard-{000000..000009}.tar'}"
+                )
+            try:
+                names = list(json.loads(index.read_text())["shards"])
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{index}: not an `i2v data pack` index ({e})") from None
+            urls += [str(Path(path) / name) for name in names]
+        elif any(c in path for c in "*?["):
+            matches = sorted(glob.glob(path))
+            if not matches:
+                raise FileNotFoundError(f"{url}: no file matches")
+            urls += matches
+        else:
+            urls.append(url)
+            if not Path(path).is_file():
+                missing.append(url)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    if not urls:
+        raise ValueError(f"{shards!r}: no shards named")
+    return urls
+
+
+def _local_path(url: str) -> str | None:
+    """The file-system path of a local shard URL (plain path or `file://`), None for remote URLs and `pipe:`."""
+    if url.startswith("pipe:"):
+        return None
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        return urlparse(url).path
+    return url if scheme == "" or len(scheme) == 1 else None  # one letter: a Windows drive
 
 
 def read_label_map(shard_dir_or_pattern: str | Path) -> list[str]:
@@ -113,12 +171,9 @@ def read_shard_index(shard_dir_or_pattern: str | Path) -> dict[str, int]:
     A directory gives every shard listed in its index; a pattern gives only the shards it names.
 
     Raises:
-        FileNotFoundError: When index.json cannot be read (the message names the path).
+        FileNotFoundError: When index.json cannot be read or a local shard does not exist (the message names it).
         ValueError: When a named shard is not in its directory's index, for `pipe:` URLs or an empty pattern.
     """
-    if Path(shard_dir_or_pattern).is_dir():
-        index = json.loads(_read_sibling(shard_dir_or_pattern, "index.json"))
-        return {str(Path(shard_dir_or_pattern) / name): n for name, n in index["shards"].items()}
     counts, indexes = {}, {}
     for url in expand_shards(str(shard_dir_or_pattern)):
         parent = url.rsplit("/", 1)[0] if "/" in url else "."
@@ -168,6 +223,64 @@ def _open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
+def deal_shards(
+    order: Sequence[str], rank: int, world_size: int, worker: int, workers: int
+) -> tuple[list[str], list[tuple[int, int]]]:
+    """One (rank, loader worker) slot's share of `order`: its shards, and the sample filters to apply to their stream.
+
+    Shards are dealt over the ranks first, then over each rank's loader workers. A level with fewer shards than parts
+    deals samples instead: each of its parts reads the same shards and keeps every parts-th sample, given as a
+    (part, parts) filter. Over all slots every sample is kept exactly once; a shard is read by one slot when there
+    are at least as many shards as slots, by a few otherwise (by every slot only when there are fewer shards than
+    both ranks and workers).
+
+    Returns:
+        (shards, [(part, parts), ...]): keep sample i of the filtered stream when i % parts == part, filter by filter.
+    """
+    shards, keep = list(order), []
+    for part, parts in ((rank, world_size), (worker, workers)):
+        if len(shards) >= parts:
+            shards = shards[part::parts]
+        else:
+            keep.append((part, parts))
+    return shards, keep
+
+
+def shard_reads(shards: int, world_size: int, workers: int) -> int:
+    """How many slots read the most-read shard in one pass of the deal (1: every shard is read once)."""
+    reads = Counter(
+        shard
+        for rank in range(world_size)
+        for worker in range(workers)
+        for shard in deal_shards(range(shards), rank, world_size, worker, workers)[0]
+    )
+    return max(reads.values(), default=0)
+
+
+_warned: set[tuple] = set()
+
+
+def _warn_few_shards(what: str, shards: int, world_size: int, num_workers: int) -> None:
+    """Once per process (on rank 0): fewer shards than slots means some shards are read by several slots."""
+    workers = max(1, num_workers)
+    key = (what, shards, world_size, workers)
+    if shards >= world_size * workers or key in _warned:
+        return
+    _warned.add(key)
+    _logger.warning(
+        "%s: %d shards for %d ranks x %d loader workers = %d slots: shards are read up to %d times per pass (each "
+        "slot keeps its share of the samples); pack at least %d shards (`i2v data pack --shard-samples`) to read "
+        "each once",
+        what,
+        shards,
+        world_size,
+        workers,
+        world_size * workers,
+        shard_reads(shards, world_size, workers),
+        world_size * workers,
+    )
+
+
 def steps_per_epoch(cfg: DataCfg, world_size: int = 1) -> int:
     """Training batches per epoch on every rank: `cfg.epoch_clips` (or the shard index's total) // (ranks x batch)."""
     clips = cfg.epoch_clips or count_samples(cfg.train_shards)
@@ -187,7 +300,7 @@ class ClipSpec:
     stride: int
     train: bool
     clips: int  # temporal views (test mode)
-    transform: object  # train: (T,C,H,W) -> (T,C,H,W); eval: (T,C,H,W) -> (crops,T,C,H,W)
+    transform: object  # uint8 -> uint8; train: (T,C,H,W) -> (T,C,H,W); eval: (T,C,H,W) -> (crops,T,C,H,W)
     threads: int = 1
 
     def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
@@ -244,26 +357,30 @@ class ClipStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{slots}")
         skips: list[tuple[str, str]] = []  # filled by the stages, drained into each batch
+        samples = self._samples(worker, workers, rng, skips)  # stages 1-4
+        yield from self._batches(self._clips(samples, rng, skips), skips)  # 5. decode + transform, 6. batch
 
-        # 1. shards for this slot
-        if self.resampled:
-            shards = _endless(self.urls, rng)
-        else:
-            shards = list(self.urls)
-            if self.shuffle:  # same order on every slot, so the split below stays disjoint
-                random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
-            if len(shards) >= slots:
-                shards = shards[slot::slots]
-        # 2. tar -> samples (an endless stream must not spin forever on unreadable shards)
-        samples = _tar_samples(shards, skips, patience=len(self.urls) if self.resampled else None)
-        # 3. exactly-once split by sample when there are too few shards to deal
-        if not self.resampled and len(self.urls) < slots:
-            samples = itertools.islice(samples, slot, None, slots)
-        # 4. shuffle
-        if self.shuffle and self.shuffle_buffer > 1:
-            samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        # 5. decode + transform, 6. batch
-        yield from self._batches(self._clips(samples, rng, skips), skips)
+    def shard_order(self, cycle: int) -> list[str]:
+        """The shards of one cycle, in the order they are dealt: the same on every slot, so the deals are disjoint."""
+        order = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}/{cycle}").shuffle(order)
+        return order
+
+    def _samples(self, worker: int, workers: int, rng: random.Random, skips: list) -> Iterator[dict]:
+        for cycle in itertools.count() if self.resampled else range(1):
+            shards, keep = deal_shards(self.shard_order(cycle), self.rank, self.world_size, worker, workers)
+            samples = _tar_samples(shards, skips)
+            for part, parts in keep:
+                samples = itertools.islice(samples, part, None, parts)
+            if self.shuffle and self.shuffle_buffer > 1:  # per cycle: no sample of the next cycle comes out early
+                samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            empty = True
+            for sample in samples:
+                empty = False
+                yield sample
+            if empty:  # nothing readable in a whole deal: this slot is done (VideoLoader raises if a rank runs dry)
+                return
 
     def _clips(self, samples: Iterator[dict], rng: random.Random, skips: list) -> Iterator[tuple]:
         failed = 0  # in a row
@@ -300,20 +417,9 @@ def _collate(batch: list[tuple], skips: list) -> tuple:
     return torch.stack(videos), torch.tensor(labels, dtype=torch.int64), list(keys), drained
 
 
-def _endless(urls: list[str], rng: random.Random) -> Iterator[str]:
-    while True:
-        order = list(urls)
-        rng.shuffle(order)
-        yield from order
-
-
-def _tar_samples(urls: Sequence[str] | Iterator[str], skips: list, patience: int | None = None) -> Iterator[dict]:
-    """Samples of each shard in turn; raises after `patience` shards in a row gave none (None: never)."""
-    empty = 0  # shards in a row without a sample
+def _tar_samples(urls: Sequence[str], skips: list) -> Iterator[dict]:
+    """Samples of each shard in turn; tar-level errors are recorded in `skips`."""
     for url in urls:
-        if patience is not None and empty > patience:
-            raise RuntimeError(f"no sample in {empty} shards in a row, e.g. {skips[-1] if skips else url}")
-        empty += 1
 
         def handler(e: Exception, url=url) -> bool:
             skips.append((url, _reason(e)))
@@ -326,9 +432,7 @@ def _tar_samples(urls: Sequence[str] | Iterator[str], skips: list, patience: int
             continue
         try:
             files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-            for sample in group_by_keys(files, handler=handler):
-                empty = 0
-                yield sample
+            yield from group_by_keys(files, handler=handler)
         finally:
             stream.close()
 
@@ -344,10 +448,12 @@ def _reason(e: Exception) -> str:
 
 
 class VideoLoader:
-    """An iterable of batches over one epoch at a time, with the skipped-sample counter.
+    """An iterable of uint8 batches over one epoch at a time, with the skipped-sample counter.
 
     Iterating starts a fresh DataLoader whose workers see the current epoch; each pass then advances the epoch (or
-    call `set_epoch`). Resampled loaders have `len()` = batches per epoch, identical on every rank.
+    call `set_epoch`). Resampled loaders have `len()` = batches per epoch, identical on every rank, and raise when the
+    shards run dry before that (every slot found nothing readable in a whole deal). Batches are in pinned memory when
+    CUDA is available: copy them with `.to(device, non_blocking=True)`, then `transforms.normalize`.
 
     Attributes:
         skipped: A SkipCounter accumulating over every pass.
@@ -375,6 +481,7 @@ class VideoLoader:
             num_workers=self.num_workers,
             worker_init_fn=_worker_init,
             prefetch_factor=2 if self.num_workers else None,
+            pin_memory=torch.cuda.is_available(),
         )
         before, done = self.skipped.count, 0
         try:
@@ -387,6 +494,13 @@ class VideoLoader:
                 done += 1
                 if done == self.steps:
                     break
+            else:
+                if self.steps is not None:  # the other ranks would wait for this one's missing batches forever
+                    raise RuntimeError(
+                        f"the shards ran dry after {done} of {self.steps} batches of epoch {self.epoch} "
+                        f"(nothing readable left to deal; {self.skipped.summary()}, e.g. "
+                        f"{self.skipped.samples[-1] if self.skipped.samples else 'none'})"
+                    )
         finally:
             if self.skipped.count > before:
                 _logger.warning(
@@ -413,8 +527,6 @@ def _check_num_classes(cfg: DataCfg, shards: str) -> None:
 def build_train_loader(
     cfg: DataCfg,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
@@ -423,13 +535,16 @@ def build_train_loader(
     with_keys: bool = False,
     shards: str | None = None,
 ) -> VideoLoader:
-    """The training loader: yields (video float32 (B, T, C, H, W) normalised, label int64 (B,)).
+    """The training loader: yields (video uint8 (B, T, C, H, W), label int64 (B,)); `transforms.normalize` the video
+    on the device.
+
+    Resampled mode deals one permutation of the shards per (seed, epoch) over all ranks x loader workers, so an epoch
+    reads every shard once before any twice; a slot that has gone through its deal goes on with the next
+    permutation's deal, so every rank yields exactly `len(loader)` batches.
 
     Args:
         cfg: Data config (train_shards, batch_size, num_workers, frames, sampler, stride, size, flip, randaugment,
             scale, shuffle_buffer, epoch_clips).
-        mean: Backbone preprocessing mean (e.g. `CLIP_MEAN`).
-        std: Backbone preprocessing std.
         rank: This training worker's rank.
         world_size: Number of training workers.
         seed: Base seed; with `epoch` and the slot it fixes every random choice.
@@ -445,13 +560,14 @@ def build_train_loader(
         raise ValueError(
             "data.train_shards is empty: give a shard pattern, e.g. 'data/train/shard-{000000..000009}.tar'"
         )
+    urls = expand_shards(shards)
     _check_num_classes(cfg, shards)
-    transform = train_transform(
-        cfg.size, mean=mean, std=std, scale=cfg.scale, flip=cfg.flip, randaugment=cfg.randaugment
-    )
+    if rank == 0:
+        _warn_few_shards(f"training shards {shards}", len(urls), world_size, cfg.num_workers)
+    transform = train_transform(cfg.size, scale=cfg.scale, flip=cfg.flip, randaugment=cfg.randaugment)
     clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=True, clips=1, transform=transform)
     stream = ClipStream(
-        expand_shards(shards),
+        urls,
         clip,
         batch_size=cfg.batch_size,
         rank=rank,
@@ -468,8 +584,6 @@ def build_train_loader(
 def build_eval_loader(
     cfg: DataCfg,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     rank: int = 0,
     world_size: int = 1,
     with_keys: bool = False,
@@ -477,14 +591,15 @@ def build_eval_loader(
 ) -> VideoLoader:
     """The evaluation loader: every sample of `cfg.val_shards` exactly once over all ranks and loader workers.
 
-    Yields (video float32 (B, V, T, C, H, W), label int64 (B,)) with V = test_clips x test_crops (clip-major); the
-    last partial batch is kept, so ranks may see different numbers of batches: gather metrics, not per-step
-    collectives.
+    Yields (video uint8 (B, V, T, C, H, W), label int64 (B,)) with V = test_clips x test_crops (clip-major) and
+    B <= `cfg.eval_batch_size` (or `cfg.batch_size`); `transforms.normalize` the video on the device. The last partial
+    batch is kept, so ranks may see different numbers of batches: gather metrics, not per-step collectives. Shards
+    are dealt over ranks, then over each rank's workers (`deal_shards`); with fewer shards than slots some shards are
+    read by several slots (a warning says how many).
 
     Args:
-        cfg: Data config (val_shards, batch_size, num_workers, frames, sampler, stride, size, test_clips, test_crops).
-        mean: Backbone preprocessing mean.
-        std: Backbone preprocessing std.
+        cfg: Data config (val_shards, eval_batch_size, batch_size, num_workers, frames, sampler, stride, size,
+            test_clips, test_crops).
         rank: This worker's rank.
         world_size: Number of workers.
         with_keys: Also yield the list of sample keys as a third element.
@@ -493,13 +608,16 @@ def build_eval_loader(
     shards = shards or cfg.val_shards
     if not shards:
         raise ValueError("data.val_shards is empty: give a shard pattern, e.g. 'data/val/shard-{000000..000003}.tar'")
+    urls = expand_shards(shards)
     _check_num_classes(cfg, shards)
-    transform = eval_transform(cfg.size, mean=mean, std=std, crops=cfg.test_crops)
+    if rank == 0:
+        _warn_few_shards(f"validation shards {shards}", len(urls), world_size, cfg.num_workers)
+    transform = eval_transform(cfg.size, crops=cfg.test_crops)
     clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=False, clips=cfg.test_clips, transform=transform)
     stream = ClipStream(
-        expand_shards(shards),
+        urls,
         clip,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.eval_batch_size or cfg.batch_size,
         rank=rank,
         world_size=world_size,
         seed=0,

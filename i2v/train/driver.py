@@ -41,15 +41,10 @@ def validate(cfg: ExperimentCfg) -> None:
                     "data.train_shards: empty; give a shard pattern such as data/train/{000000..000009}.tar"
                 )
             continue
-        urls = expand_shards(pattern)
-        local = [
-            u.removeprefix("file://")
-            for u in urls
-            if "://" not in u.removeprefix("file://") and not u.startswith("pipe:")
-        ]
-        missing = [u for u in local if not Path(u).is_file()]
-        if missing:
-            raise ConfigError(f"data.{key}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+        try:
+            expand_shards(pattern)  # pack output directories and globs resolved; local shards must exist
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.{key}: {e}") from None
     if cfg.data.train_shards:
         try:
             labels = read_label_map(cfg.data.train_shards)

@@ -148,6 +148,8 @@ class Trainer:
             loader,
             self.cfg.data.num_classes,
             self.device,
+            mean=self.model.backbone.mean,
+            std=self.model.backbone.std,
             lockstep=self.zero3,
             autocast=self.autocast,
         )
@@ -171,7 +173,7 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from i2v.data import build_eval_loader, build_train_loader, steps_per_epoch
+    from i2v.data import build_eval_loader, build_train_loader, normalize, steps_per_epoch
 
     cfg = ExperimentCfg.from_dict(config["cfg"])
     run_dir = Path(config["run_dir"])
@@ -198,9 +200,7 @@ def train_fn_per_worker(config: dict) -> None:
             _logger.info("resumed from %s at epoch %d step %d", checkpoint.path, start_epoch, t.step)
 
     mean, std = t.model.backbone.mean, t.model.backbone.std
-    val_loader = (
-        build_eval_loader(cfg.data, mean=mean, std=std, rank=rank, world_size=world) if cfg.data.val_shards else None
-    )
+    val_loader = build_eval_loader(cfg.data, rank=rank, world_size=world) if cfg.data.val_shards else None
     writer = None
     if rank == 0:
         from tensorboardX import SummaryWriter
@@ -215,8 +215,6 @@ def train_fn_per_worker(config: dict) -> None:
         remaining = steps - skip_steps
         loader = build_train_loader(
             cfg.data,
-            mean=mean,
-            std=std,
             rank=rank,
             world_size=world,
             seed=cfg.train.seed + 7_919 * skip_steps,
@@ -237,7 +235,8 @@ def train_fn_per_worker(config: dict) -> None:
             accum = cfg.train.accum_steps
             boundary = t.step_in_epoch % accum == 0 or t.step_in_epoch == steps
             window = min(accum, steps - (t.step_in_epoch - 1) // accum * accum)
-            loss, ok = t.train_step(video.to(t.device), label.to(t.device), boundary, window)
+            video = normalize(video.to(t.device, non_blocking=True), mean, std)  # uint8 on the wire, float here
+            loss, ok = t.train_step(video, label.to(t.device, non_blocking=True), boundary, window)
             t.step += 1
             loss_sum += loss * len(label)
             correct += ok
