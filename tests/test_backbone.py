@@ -229,3 +229,21 @@ def test_eval_and_export_rebuild_the_same_activation_and_normalisation(tmp_path)
         model.backbone.std,
     )
     torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_run_directory_records_the_resolved_backbone(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from i2v.train.driver import summarise
+
+    monkeypatch.chdir(Path(TINY_VIT).parents[2])  # the smoke config names its backbone relative to the repository
+    cfg = load_config("configs/smoke.yaml", ["backbone.std=[0.5,0.5,0.5]"])
+    summarise(cfg, tmp_path, SimpleNamespace(error=None, metrics={"val_top1": 1.0}, checkpoint=None))
+    resolved = json.loads((tmp_path / "summary.json").read_text())["backbone_resolved"]
+    assert resolved == {
+        "precision": "fp32",
+        "quick_gelu": False,
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": [0.5, 0.5, 0.5],
+        "from": {"quick_gelu": "model config i2v-tiny-vit", "mean": "CLIP default", "std": "backbone.std"},
+    }

@@ -76,6 +76,14 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
                 r["master"] = {str(t.dtype) for t in optimizer.fp32_partitioned_groups_flat}
                 r["grad_accum"] = str(engine.get_data_types()[1])
                 r["communication"] = str(engine.communication_data_type)
+                before = [t.clone() for t in optimizer.fp32_partitioned_groups_flat]
+                engine.train()
+                with autocast:
+                    loss = engine(video).float().logsumexp(-1).mean()
+                engine.backward(loss)
+                engine.step()  # one optimizer step (through a bf16 tower too) updates the fp32 master weights
+                after = optimizer.fp32_partitioned_groups_flat
+                r["stepped"] = all(not torch.equal(a, b) for a, b in zip(before, after))
             r["tower"] = _held_dtypes(backbone)  # after the engine was built around it
             results[(precision, name)] = r
 
@@ -127,6 +135,7 @@ def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path
                 if name == "st_adapter":  # recipe B: trainable part, master weights, gradients all fp32
                     assert r["trainable"] == r["master"] == {"torch.float32"}, r
                     assert r["grad_accum"] == r["communication"] == "torch.float32", r
+                    assert r["stepped"], (precision, rank)
 
     for rank in (0, 1):
         for fp16_ok in (False, True):
