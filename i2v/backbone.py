@@ -120,10 +120,13 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _sidecar_config(path: str) -> dict:
-    """The `open_clip_config.json` beside a checkpoint (Hugging Face hub layout), or {}."""
+def _sidecar_config(path: str) -> tuple[str, dict]:
+    """(path, contents) of the `open_clip_config.json` beside a checkpoint (Hugging Face hub layout); {} if none."""
     side = Path(path).with_name("open_clip_config.json")
-    return json.loads(side.read_text()) if side.is_file() else {}
+    try:
+        return str(side), json.loads(side.read_text()) if side.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"backbone.pretrained: {side} (read for {path}) is not valid JSON: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +190,7 @@ def resolve_backbone(cfg: BackboneCfg, fetch: bool = True) -> ResolvedBackbone:
     model_name, mcfg = model_config(cfg.name)
     local = bool(cfg.pretrained) and Path(cfg.pretrained).is_file()
     pcfg = {} if not cfg.pretrained or local else open_clip.get_pretrained_cfg(model_name, cfg.pretrained)
-    side = _sidecar_config(cfg.pretrained) if local else {}
+    side_path, side = _sidecar_config(cfg.pretrained) if local else ("", {})
     sources = {}
 
     timm_name = mcfg["vision_cfg"].get("timm_model_name")
@@ -202,8 +205,7 @@ def resolve_backbone(cfg: BackboneCfg, fetch: bool = True) -> ResolvedBackbone:
     elif local and is_torchscript(cfg.pretrained) and torchscript_quick_gelu(cfg.pretrained) is not None:
         quick_gelu, sources["quick_gelu"] = torchscript_quick_gelu(cfg.pretrained), "TorchScript archive"
     elif "model_cfg" in side:
-        quick_gelu = bool(side["model_cfg"].get("quick_gelu", False))
-        sources["quick_gelu"] = str(Path(cfg.pretrained).with_name("open_clip_config.json"))
+        quick_gelu, sources["quick_gelu"] = bool(side["model_cfg"].get("quick_gelu", False)), side_path
     elif "quick_gelu" in mcfg:
         quick_gelu, sources["quick_gelu"] = bool(mcfg["quick_gelu"]), f"model config {model_name}"
     elif local:
@@ -222,7 +224,7 @@ def resolve_backbone(cfg: BackboneCfg, fetch: bool = True) -> ResolvedBackbone:
         elif pcfg.get(key):
             norm[key], sources[key] = pcfg[key], f"pretrained tag {cfg.pretrained}"
         elif side.get("preprocess_cfg", {}).get(key):
-            norm[key], sources[key] = side["preprocess_cfg"][key], "open_clip_config.json"
+            norm[key], sources[key] = side["preprocess_cfg"][key], side_path
         else:
             norm[key], sources[key] = default, "CLIP default"
     if local and "CLIP default" in (sources["mean"], sources["std"]):

@@ -165,6 +165,9 @@ def test_quick_gelu_checkpoint_by_path_reproduces_its_tower_and_auto_never_guess
     hub = load_backbone(BackboneCfg(name=name, pretrained=str(path)))
     torch.testing.assert_close(_features(hub), _features(src))
     assert (hub.mean, hub.std) == ((0.5,) * 3, (0.25,) * 3)
+    (tmp_path / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="open_clip_config.json .* is not valid JSON"):
+        load_backbone(BackboneCfg(name=name, pretrained=str(path)))
 
 
 class _Clip(torch.nn.Module):

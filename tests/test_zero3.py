@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from unittest import mock
 
 import pytest
@@ -26,6 +27,9 @@ from i2v.methods import create_method, create_model
 pytestmark = pytest.mark.timeout(300)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The "pretrained" tower is QuickGELU with its own input normalisation, as OpenAI's weights are: the partitioned
+# tower must be built with what the config resolves to, exactly as the replicated reference is.
+OPENAI_LIKE = ("backbone.quick_gelu=true", "backbone.mean=[0.5,0.4,0.3]", "backbone.std=[0.2,0.3,0.4]")
 
 
 def _free_port() -> int:
@@ -37,6 +41,15 @@ def _free_port() -> int:
 def _held_dtypes(module: torch.nn.Module) -> set[str]:
     """The dtypes of the parameters and of the slices this rank holds of them."""
     return {str(t.dtype) for p in module.parameters() for t in (p, getattr(p, "ds_tensor", p))}
+
+
+class _Clip(torch.nn.Module):
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x):
+        return self.visual(x)
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
@@ -54,13 +67,14 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
     results = {}
     for precision in ("fp32", "bf16"):
         for name in ("side4video", "st_adapter"):
-            cfg = tiny_cfg(name, f"backbone.pretrained={ckpt}", "backbone.partition=zero3")
+            cfg = tiny_cfg(name, f"backbone.pretrained={ckpt}", "backbone.partition=zero3", *OPENAI_LIKE)
             cfg.backbone.precision, cfg.backbone.zero3_persistence_threshold = precision, 0
             backbone = ds.build_partitioned_backbone(cfg)
             torch.manual_seed(0)
             model = create_method(cfg.method, backbone, num_classes=cfg.data.num_classes, num_frames=cfg.data.frames)
             model.eval()
             r = {"held": ds.held_numel(backbone), "full": ds.full_numel(backbone)}
+            r["built"] = (backbone.quick_gelu, backbone.mean, backbone.std)
             autocast = torch.autocast("cpu", dtype=DTYPES[precision], enabled=precision != "fp32")
             if model.backbone_no_grad:
                 ds.side_engine(backbone, cfg)
@@ -87,6 +101,17 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
             r["tower"] = _held_dtypes(backbone)  # after the engine was built around it
             results[(precision, name)] = r
 
+    # OpenAI's TorchScript archive layout: the activation is read from it (auto), each rank copies its own slices
+    archive = tiny_cfg("side4video", f"backbone.pretrained={ckpt.replace('.safetensors', '.pt')}")
+    reference = tiny_cfg("side4video", f"backbone.pretrained={ckpt}", "backbone.quick_gelu=true")
+    for c in (archive, reference):
+        c.backbone.partition, c.backbone.zero3_persistence_threshold = "zero3", 0
+    a, b = ds.build_partitioned_backbone(archive), ds.build_partitioned_backbone(reference)
+    results["archive"] = (
+        a.quick_gelu,
+        all(torch.equal(p.ds_tensor, q.ds_tensor) for p, q in zip(a.parameters(), b.parameters())),
+    )
+
     # The tower DeepSpeed holds, as the CPU answers "fp16 supported?" either way (AMD EPYC: no; many Intel: yes).
     os.chdir(ROOT)  # the smoke config names its backbone relative to the repository
     accelerator = type(get_accelerator())
@@ -101,13 +126,17 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
 
 
 def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path):
-    cfg = tiny_cfg("side4video")
+    cfg = tiny_cfg("side4video", *OPENAI_LIKE)
     backbone = load_backbone(cfg.backbone)
     with torch.no_grad():  # a "pretrained" checkpoint distinct from any random init
         for p in backbone.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     ckpt = tmp_path / "tower.safetensors"
     save_file({f"visual.{k}": v.contiguous() for k, v in backbone.visual.state_dict().items()}, ckpt)
+    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript all the same
+        warnings.simplefilter("ignore", FutureWarning)
+        archive = torch.jit.trace(_Clip(backbone.visual).eval(), torch.randn(1, 3, 32, 32), check_trace=False)
+        torch.jit.save(archive, str(tmp_path / "tower.pt"))
     video = torch.randn(2, 4, 3, 32, 32)
     torch.save(video, tmp_path / "video.pt")
 
@@ -116,7 +145,7 @@ def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path
 
     for precision in ("fp32", "bf16"):
         for name in ("side4video", "st_adapter"):
-            ref_cfg = tiny_cfg(name, f"backbone.pretrained={ckpt}", f"backbone.precision={precision}")
+            ref_cfg = tiny_cfg(name, f"backbone.pretrained={ckpt}", f"backbone.precision={precision}", *OPENAI_LIKE)
             torch.manual_seed(0)
             ref_backbone = load_backbone(ref_cfg.backbone)
             torch.manual_seed(0)
@@ -125,9 +154,11 @@ def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 expected = reference(video)
             full = sum(p.numel() for p in ref_backbone.parameters())
+            norm = (ref_backbone.mean, ref_backbone.std)
             tol = {"rtol": 1e-4, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
             for rank in (0, 1):
                 r = out[rank][(precision, name)]
+                assert r["built"] == (True, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)) == (ref_backbone.quick_gelu, *norm)
                 assert r["tower"] == {str(DTYPES[precision])}, (precision, name, rank, r["tower"])
                 assert r["full"] == full
                 assert abs(r["held"] / full - 0.5) < 0.01, (name, rank, r["held"], full)  # ~1/2 (last rank is padded)
@@ -138,6 +169,7 @@ def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path
                     assert r["stepped"], (precision, rank)
 
     for rank in (0, 1):
+        assert out[rank]["archive"] == (True, True), rank  # QuickGELU read from the archive, same slices
         for fp16_ok in (False, True):
             assert out[rank][(fp16_ok, "smoke")] == {"torch.float32"}, (rank, fp16_ok)  # configs/smoke.yaml: fp32
             for precision, dtype in DTYPES.items():
