@@ -17,13 +17,17 @@ breaks `deepspeed.zero.Init` (see shared/SYSTEMS.md §2.4).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
 import logging
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -76,24 +80,83 @@ def model_config(name: str) -> tuple[str, dict]:
 
 def build_vision_tower(name: str, quick_gelu: bool = False) -> nn.Module:
     """Builds only the vision tower of an open_clip model, on the current default device (use `torch.device('meta')`
-    to build any size without allocating)."""
-    model_name, cfg = model_config(name)
-    quick_gelu = quick_gelu or cfg.get("quick_gelu", False)
+    to build any size without allocating). `quick_gelu` is the activation, as resolved by `resolve_backbone`."""
+    _, cfg = model_config(name)
     return open_clip.model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=quick_gelu)
 
 
-def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, bool]:
-    """Returns (local checkpoint path or None, quick_gelu) for an open_clip pretrained tag or a local file.
+def is_torchscript(path: str) -> bool:
+    """True for a TorchScript archive (OpenAI's own CLIP files, e.g. ~/.cache/clip/ViT-B-16.pt)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+@functools.lru_cache(maxsize=8)
+def torchscript_quick_gelu(path: str) -> bool | None:
+    """The activation a TorchScript archive's vision tower uses (its modules keep their class names), None if it
+    has neither QuickGELU nor GELU."""
+    names = {m.original_name for m in torch.jit.load(path, map_location="cpu").modules()}
+    return True if "QuickGELU" in names else False if "GELU" in names else None
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The vision-tower state dict of a full-CLIP or visual-only checkpoint: safetensors, `torch.save` (with `mmap`
+    nothing is read until a tensor is used) or a TorchScript archive."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)  # safetensors maps the file; tensors are materialised on access
+    elif is_torchscript(path):
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        sd = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        sd = sd.get("state_dict", sd)
+    if all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+def _sidecar_config(path: str) -> tuple[str, dict]:
+    """(path, contents) of the `open_clip_config.json` beside a checkpoint (Hugging Face hub layout); {} if none."""
+    side = Path(path).with_name("open_clip_config.json")
+    try:
+        return str(side), json.loads(side.read_text()) if side.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"backbone.pretrained: {side} (read for {path}) is not valid JSON: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedBackbone:
+    """What a `BackboneCfg` resolves to: the file to load and what its weights were trained with."""
+
+    path: str | None  # local checkpoint (None: random init, or a tag not fetched)
+    quick_gelu: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    sources: dict[str, str]  # where each of quick_gelu / mean / std came from
+
+    def summary(self) -> dict:
+        """JSON-ready record for the run directory."""
+        return {"quick_gelu": self.quick_gelu, "mean": list(self.mean), "std": list(self.std), "from": self.sources}
+
+
+def resolve_pretrained(name: str, pretrained: str | None, fetch: bool = True) -> str | None:
+    """The local checkpoint of an open_clip pretrained tag or a local file (None: random init; a tag with
+    `fetch=False` is checked but not fetched).
 
     A tag is fetched (or found in the cache) by open_clip; when that fails (offline, not cached) the error says how
-    to pass a local file instead.
+    to pass a local file instead, with the settings that file needs.
     """
     if not pretrained:
-        return None, False
+        return None
     if Path(pretrained).suffix in CHECKPOINT_SUFFIXES or Path(pretrained).exists():
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"backbone.pretrained: checkpoint {pretrained} does not exist")
-        return pretrained, False
+        return pretrained
     model_name = Path(name).stem if name.endswith(".json") else name
     pcfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not pcfg:
@@ -102,33 +165,77 @@ def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, b
             f"backbone.pretrained: {pretrained!r} is not a local checkpoint file nor an open_clip tag of {model_name} "
             f"(known tags: {tags or 'none'})"
         )
+    if not fetch:
+        return None
     try:
-        path = open_clip.pretrained.download_pretrained(pcfg)
+        return open_clip.pretrained.download_pretrained(pcfg)
     except Exception as e:  # network errors come in many types (URLError, HF hub errors, OSError)
+        mean, std = pcfg.get("mean") or open_clip.OPENAI_DATASET_MEAN, pcfg.get("std") or open_clip.OPENAI_DATASET_STD
+        quick_gelu = str(bool(pcfg.get("quick_gelu", False))).lower()
         raise RuntimeError(
             f"backbone.pretrained: could not fetch open_clip weights {model_name}:{pretrained} ({type(e).__name__}: "
             f"{e}). Offline machines need a local file: download it where there is network access (e.g. "
             f"`open_clip.create_model('{model_name}', pretrained='{pretrained}')` fills ~/.cache), then set "
-            f"backbone.pretrained=/path/to/checkpoint{{.safetensors,.bin,.pt}} (full CLIP or visual-only state dict)"
+            f"backbone.pretrained=/path/to/checkpoint{{.safetensors,.bin,.pt}} (full CLIP or visual-only state dict) "
+            f"with what these weights were trained with: backbone.quick_gelu={quick_gelu} "
+            f"backbone.mean=[{','.join(map(str, mean))}] backbone.std=[{','.join(map(str, std))}]"
         ) from e
-    return path, bool(pcfg.get("quick_gelu", False))
 
 
-def image_norm(name: str, pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input mean/std the weights were trained with: the pretrained tag's own (e.g. SigLIP's 0.5), else CLIP's."""
-    model_name = Path(name).stem if name.endswith(".json") else name
-    pcfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
-    mean = pcfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
-    std = pcfg.get("std") or open_clip.OPENAI_DATASET_STD
-    return tuple(mean), tuple(std)
+def resolve_backbone(cfg: BackboneCfg, fetch: bool = True) -> ResolvedBackbone:
+    """Resolves the checkpoint, activation and input mean/std of `cfg` (see `BackboneCfg.quick_gelu`): explicit keys
+    first, then the pretrained tag, then what a local file says, then the model config; a local file whose activation
+    nothing decides is an error, since a wrong activation loads without a missing key and every feature is off."""
+    path = resolve_pretrained(cfg.name, cfg.pretrained, fetch)
+    model_name, mcfg = model_config(cfg.name)
+    local = bool(cfg.pretrained) and Path(cfg.pretrained).is_file()
+    pcfg = {} if not cfg.pretrained or local else open_clip.get_pretrained_cfg(model_name, cfg.pretrained)
+    side_path, side = _sidecar_config(cfg.pretrained) if local else ("", {})
+    sources = {}
+
+    timm_name = mcfg["vision_cfg"].get("timm_model_name")
+    if timm_name:  # open_clip builds timm towers with timm's own activation
+        if cfg.quick_gelu is True:
+            raise ValueError(f"backbone.quick_gelu: true has no effect on {cfg.name}, a timm tower ({timm_name})")
+        quick_gelu, sources["quick_gelu"] = False, f"timm tower {timm_name}"
+    elif cfg.quick_gelu != "auto":
+        quick_gelu, sources["quick_gelu"] = cfg.quick_gelu, "backbone.quick_gelu"
+    elif pcfg:
+        quick_gelu, sources["quick_gelu"] = bool(pcfg.get("quick_gelu", False)), f"pretrained tag {cfg.pretrained}"
+    elif local and is_torchscript(cfg.pretrained) and torchscript_quick_gelu(cfg.pretrained) is not None:
+        quick_gelu, sources["quick_gelu"] = torchscript_quick_gelu(cfg.pretrained), "TorchScript archive"
+    elif "model_cfg" in side:
+        quick_gelu, sources["quick_gelu"] = bool(side["model_cfg"].get("quick_gelu", False)), side_path
+    elif "quick_gelu" in mcfg:
+        quick_gelu, sources["quick_gelu"] = bool(mcfg["quick_gelu"]), f"model config {model_name}"
+    elif local:
+        raise ValueError(
+            f"backbone.quick_gelu: cannot tell which activation {cfg.pretrained} was trained with (auto: the file "
+            f"and the {model_name} model config do not say); set backbone.quick_gelu=true for OpenAI CLIP weights "
+            f"(QuickGELU, open_clip's -quickgelu models), false for GELU ones (LAION, DataComp, most others)"
+        )
+    else:
+        quick_gelu, sources["quick_gelu"] = False, "random init (GELU)"
+
+    norm = {}
+    for key, default in (("mean", open_clip.OPENAI_DATASET_MEAN), ("std", open_clip.OPENAI_DATASET_STD)):
+        if getattr(cfg, key) is not None:
+            norm[key], sources[key] = getattr(cfg, key), f"backbone.{key}"
+        elif pcfg.get(key):
+            norm[key], sources[key] = pcfg[key], f"pretrained tag {cfg.pretrained}"
+        elif side.get("preprocess_cfg", {}).get(key):
+            norm[key], sources[key] = side["preprocess_cfg"][key], side_path
+        else:
+            norm[key], sources[key] = default, "CLIP default"
+    if local and "CLIP default" in (sources["mean"], sources["std"]):
+        _logger.info("%s: CLIP's input mean/std (set backbone.mean / backbone.std for other weights)", cfg.pretrained)
+    return ResolvedBackbone(path, quick_gelu, tuple(norm["mean"]), tuple(norm["std"]), sources)
 
 
 def load_visual_state_dict(visual: nn.Module, path: str) -> None:
     """Loads a full-CLIP or visual-only checkpoint into a vision tower; any missing or unexpected key is an error
     (silently unloaded weights are a known failure in this field, cf. adapt-image-models#25)."""
-    sd = open_clip.factory.load_state_dict(path)
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    sd = read_checkpoint(path)
     own = visual.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     wrong = [
@@ -183,6 +290,16 @@ class VideoBackbone(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return 1 if self.is_native else self.visual.trunk.num_prefix_tokens
+
+    @property
+    def quick_gelu(self) -> bool:
+        """True when the tower's MLPs use QuickGELU (read from the built modules, not from a config)."""
+        return any(isinstance(m, QuickGELU) for m in self.visual.modules())
+
+    def pinned_cfg(self, cfg: BackboneCfg) -> BackboneCfg:
+        """`cfg` with the activation and mean/std this backbone was built with written out, for rebuilding it
+        without `backbone.pretrained` (e.g. from an export)."""
+        return dataclasses.replace(cfg, quick_gelu=self.quick_gelu, mean=list(self.mean), std=list(self.std))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -292,17 +409,17 @@ class VideoBackbone(nn.Module):
 def load_backbone(cfg: BackboneCfg, device: torch.device | str | None = None) -> VideoBackbone:
     """Builds the vision tower of `cfg.name`, loads `cfg.pretrained` and freezes it.
 
-    On the `meta` device nothing is allocated or loaded (used by `i2v describe` for ViT-E-sized models).
+    On the `meta` device nothing is allocated, fetched or loaded (used by `i2v describe` for ViT-E-sized models), but
+    the settings are resolved, so a config that cannot load fails here already.
     """
     device = torch.device(device) if device is not None else torch.get_default_device()
-    path, quick_gelu = (None, False) if device.type == "meta" else resolve_pretrained(cfg.name, cfg.pretrained)
+    r = resolve_backbone(cfg, fetch=device.type != "meta")
     with device:
-        visual = build_vision_tower(cfg.name, quick_gelu=quick_gelu)
+        visual = build_vision_tower(cfg.name, quick_gelu=r.quick_gelu)
     embed_dim = model_config(cfg.name)[1]["embed_dim"]
-    if path is not None:
-        load_visual_state_dict(visual, path)
-        _logger.info("loaded %s weights from %s", cfg.name, path)
+    if r.path is not None and device.type != "meta":
+        load_visual_state_dict(visual, r.path)
+        _logger.info("loaded %s weights from %s (%s)", cfg.name, r.path, r.summary())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     visual.to(dtype)
-    mean, std = image_norm(cfg.name, cfg.pretrained)
-    return VideoBackbone(visual, embed_dim, mean, std).freeze()
+    return VideoBackbone(visual, embed_dim, r.mean, r.std).freeze()

@@ -40,6 +40,18 @@ class BackboneCfg:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen weights
     # zero3: parameters smaller than this stay whole on every rank (DeepSpeed's default 1e5; 0 partitions everything)
     zero3_persistence_threshold: int = 100_000
+    # Activation the weights were trained with: true = QuickGELU (OpenAI CLIP), false = GELU. auto = the pretrained
+    # tag's, else what a local file says (TorchScript archive, open_clip_config.json beside it), else the model
+    # config's "quick_gelu" key; a local file that none of these decides is an error asking for this key.
+    quick_gelu: bool | Literal["auto"] = "auto"
+    mean: list[float] | None = None  # input normalisation (RGB, 0-1 scale); None = the tag's, else CLIP's
+    std: list[float] | None = None  # as mean; every value > 0
+
+    def __post_init__(self):
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ValueError(f"backbone.{key}: {value} must be 3 numbers (R, G, B){', each > 0' * (key == 'std')}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ def export(checkpoint: str | Path, out: str | Path, overrides: list[str] = ()) -
 
     model, cfg = load_trained(checkpoint, overrides)
     model = model.merge()
+    cfg.backbone = model.backbone.pinned_cfg(cfg.backbone)  # the file is rebuilt without backbone.pretrained
     tensors = {k.removeprefix("backbone."): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from i2v.backbone import VideoBackbone, build_vision_tower, image_norm, model_config, resolve_pretrained, skip_init
+from i2v.backbone import VideoBackbone, build_vision_tower, model_config, read_checkpoint, resolve_backbone, skip_init
 from i2v.config import ExperimentCfg
 
 _logger = logging.getLogger(__name__)
@@ -32,7 +32,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def ds_config(cfg: ExperimentCfg, with_optimizer: bool) -> dict:
-    """The DeepSpeed config, generated from the experiment config (never hand-kept beside it)."""
+    """The DeepSpeed config, generated from the experiment config (never hand-kept beside it).
+
+    Every dtype DeepSpeed would otherwise pick is spelled out: the frozen weights are held in `backbone.precision`
+    (`bf16`/`fp16` enabled says so, for `zero.Init` too, see `build_partitioned_backbone`); gradients accumulate and
+    are reduced in fp32 (DeepSpeed's default is the model dtype, which rounds an fp32 adapter's gradients to bf16);
+    master weights and optimizer state stay fp32.
+    """
     out = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,  # required even without an optimizer
         "gradient_accumulation_steps": cfg.train.accum_steps,
@@ -40,8 +46,10 @@ def ds_config(cfg: ExperimentCfg, with_optimizer: bool) -> dict:
             "stage": 3,
             "stage3_param_persistence_threshold": cfg.backbone.zero3_persistence_threshold,
         },
-        "bf16": {"enabled": cfg.backbone.precision == "bf16"},
-        "fp16": {"enabled": cfg.backbone.precision == "fp16"},
+        "bf16": {"enabled": cfg.backbone.precision == "bf16", "bf16_master_weights_and_grads": False},
+        "fp16": {"enabled": cfg.backbone.precision == "fp16", "fp16_master_weights_and_grads": False},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -50,24 +58,24 @@ def ds_config(cfg: ExperimentCfg, with_optimizer: bool) -> dict:
     return out
 
 
-def _open_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors of a full-CLIP or visual-only checkpoint, keys in vision-tower space."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def check_dtype(module: nn.Module, precision: str, when: str) -> None:
+    """Raises unless every frozen parameter of `module` (and the slice this rank holds of it) is in `precision`."""
+    want = DTYPES[precision]
+    for name, p in module.named_parameters():
+        held = p.ds_tensor.dtype if hasattr(p, "ds_tensor") else p.dtype
+        if not p.requires_grad and (p.dtype != want or held != want):
+            import deepspeed
 
-        sd = load_file(path)  # safetensors maps the file; tensors are materialised on access
-    else:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        sd = sd.get("state_dict", sd)
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
-    return sd
+            raise RuntimeError(
+                f"backbone.precision: {precision} asked, but {when} DeepSpeed {deepspeed.__version__} holds {name} "
+                f"as {held} (parameter dtype {p.dtype}); refusing to run on weights in another precision"
+            )
 
 
 @torch.no_grad()
 def load_partitioned(visual: nn.Module, path: str) -> None:
     """Copies into every ZeRO-3 parameter only this rank's flat slice of the checkpoint tensor."""
-    sd = _open_checkpoint(path)
+    sd = read_checkpoint(path, mmap=True)
     names = dict(visual.named_parameters())
     missing, unexpected = sorted(set(names) - set(sd)), sorted(set(sd) - set(names) - set(dict(visual.named_buffers())))
     if missing or unexpected:
@@ -90,18 +98,24 @@ def load_partitioned(visual: nn.Module, path: str) -> None:
 
 
 def build_partitioned_backbone(cfg: ExperimentCfg) -> VideoBackbone:
-    """The frozen vision tower, partitioned over the current process group as it is built."""
+    """The frozen vision tower, partitioned over the current process group as it is built, in
+    `backbone.precision` (checked: a RuntimeError if DeepSpeed holds it in any other dtype)."""
     import deepspeed
 
-    path, quick_gelu = resolve_pretrained(cfg.backbone.name, cfg.backbone.pretrained)
-    init = skip_init() if path else contextlib.nullcontext()  # every weight is loaded afterwards
-    with init, deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, False), dtype=DTYPES[cfg.backbone.precision]):
-        visual = build_vision_tower(cfg.backbone.name, quick_gelu=quick_gelu)
-    if path:
-        load_partitioned(visual, path)
+    r = resolve_backbone(cfg.backbone)
+    init = skip_init() if r.path else contextlib.nullcontext()  # every weight is loaded afterwards
+    # The dtype travels in the config (bf16/fp16 enabled or not), never as `dtype=`: DeepSpeed 0.19's
+    # Init._set_dtype reads `dtype or fp16 if fp16_supported else bf16 ...`, so an explicit torch.float32 becomes
+    # bf16 on every CPU without oneDNN fp16 (e.g. AMD EPYC); without `dtype` it follows the config.
+    with init, deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, False)):
+        visual = build_vision_tower(cfg.backbone.name, quick_gelu=r.quick_gelu)
+    visual.requires_grad_(False)
+    check_dtype(visual, cfg.backbone.precision, "after zero.Init")
+    if r.path:
+        load_partitioned(visual, r.path)
 
     embed_dim = model_config(cfg.backbone.name)[1]["embed_dim"]
-    return VideoBackbone(visual, embed_dim, *image_norm(cfg.backbone.name, cfg.backbone.pretrained)).freeze()
+    return VideoBackbone(visual, embed_dim, r.mean, r.std).freeze()
 
 
 def register_external_parameters(module: nn.Module, backbone: VideoBackbone) -> None:
@@ -139,6 +153,7 @@ def side_engine(backbone: VideoBackbone, cfg: ExperimentCfg):
 
     register_external_parameters(backbone, backbone)
     engine, *_ = deepspeed.initialize(model=backbone, config=ds_config(cfg, False))
+    check_dtype(backbone, cfg.backbone.precision, "after deepspeed.initialize")
     engine.eval()
     return engine
 
@@ -147,12 +162,19 @@ def joint_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler_f
     """Recipe B: one ZeRO-3 engine over backbone + adapters, its optimizer over the trainable parameters."""
     import deepspeed
 
+    trainable = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    if len(trainable) > 1:  # DeepSpeed's ZeRO-3 optimizer flattens them into one buffer (an assert deep inside)
+        raise ValueError(
+            f"backbone.partition: zero3 trains {cfg.method.name} in one DeepSpeed engine, whose optimizer needs one "
+            f"dtype, but its trainable parameters mix {sorted(trainable)}; use backbone.precision=fp32"
+        )
     register_external_parameters(model, model.backbone)
     for owner, p in getattr(model, "zero3_external_parameters", lambda: [])():
         deepspeed.zero.register_external_parameter(owner, p)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler_fn, config=ds_config(cfg, True)
     )
+    check_dtype(model.backbone, cfg.backbone.precision, "after deepspeed.initialize")
     return engine, optimizer, scheduler
 
 

@@ -99,11 +99,15 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
     """Writes `out/summary.json` and `out/final.pt` (a copy of the last checkpoint's state) from a Ray Result."""
     if result.error is not None:
         raise result.error
+    from i2v.backbone import resolve_backbone
+
     metrics = dict(result.metrics or {})
     summary = {k: metrics.get(k) for k in SUMMARY_KEYS} | {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
         "partition": cfg.backbone.partition,
+        # what the tower was built with (a ZeRO-3 worker refuses to run on any dtype but backbone.precision)
+        "backbone_resolved": {"precision": cfg.backbone.precision} | resolve_backbone(cfg.backbone, False).summary(),
         "steps": metrics.get("step"),
         "val_per_class": metrics.get("val_per_class"),
         "run_dir": str(out),
