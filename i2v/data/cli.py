@@ -24,10 +24,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = sub.add_parser("pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--list", type=Path, help="CSV/TSV of 'path,label' rows (paths relative to --root)")
-    src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video>")
+    src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video or frame folder>")
     src.add_argument("--kinetics-csv", type=Path, help="Kinetics annotation CSV (label,youtube_id,time_start,...)")
     src.add_argument("--ssv2-json", type=Path, help="something-something-v2-{train,validation}.json")
+    src.add_argument("--ssv1-csv", type=Path, help="something-something-v1-{train,validation}.csv (id;label)")
+    src.add_argument(
+        "--ucf101", type=Path, metavar="SPLITS_DIR", help="UCF101 ucfTrainTestlist/ (with --split, --part)"
+    )
+    src.add_argument("--hmdb51", type=Path, metavar="SPLITS_DIR", help="HMDB51 *_test_splitN.txt dir (--split, --part)")
     p.add_argument("--ssv2-labels", type=Path, help="something-something-v2-labels.json (with --ssv2-json)")
+    p.add_argument("--ssv1-labels", type=Path, help="something-something-v1-labels.csv (with --ssv1-csv)")
+    p.add_argument("--split", type=int, default=1, help="UCF101 / HMDB51 official split number N (default 1)")
+    p.add_argument("--part", choices=["train", "test"], help="UCF101 / HMDB51: which side of the split to pack")
     p.add_argument("--root", type=Path, help="directory the list's / annotation's videos are relative to")
     p.add_argument("--out", type=Path, required=True, help="shard directory to write")
     p.add_argument("--labels", type=Path, help="fix the class order: labels.json of another split, or a name list")
@@ -74,6 +82,19 @@ def cmd_pack(args: argparse.Namespace) -> int:
         items = packing.scan_folders(args.videos)
     elif args.kinetics_csv:
         items = packing.kinetics_items(args.kinetics_csv, args.root or args.kinetics_csv.parent)
+    elif args.ucf101 or args.hmdb51:
+        if not args.part:
+            raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --part train or --part test")
+        if not args.root:
+            raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --root (the folder of per-class video folders)")
+        read = packing.ucf101_items if args.ucf101 else packing.hmdb51_items
+        items, names = read(args.ucf101 or args.hmdb51, args.root, args.split, args.part)
+        labels = labels or names
+    elif args.ssv1_csv:
+        if not args.ssv1_labels:
+            raise SystemExit("i2v data pack: --ssv1-csv needs --ssv1-labels")
+        items, names = packing.ssv1_items(args.ssv1_csv, args.ssv1_labels, args.root or args.ssv1_csv.parent)
+        labels = labels or names
     else:
         if not args.ssv2_labels:
             raise SystemExit("i2v data pack: --ssv2-json needs --ssv2-labels")

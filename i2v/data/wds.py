@@ -8,10 +8,11 @@ Stages, each a generator inside one DataLoader worker (see `ClipStream.__iter__`
   1. the cycle's shard order (one permutation per (seed, epoch, cycle), the same on every slot) -> this (rank, loader
      worker) slot's deal (`deal_shards`): shards over ranks, then over each rank's workers; a level with fewer shards
      than parts deals samples instead (each part reads the shards and keeps every n-th sample)
-  2. tar members -> samples {__key__, <video ext>, cls, json}           (tar-level errors: skipped, counted)
+  2. tar members -> samples {__key__, <video ext> or 00000.jpg 00001.jpg ..., cls, json}  (tar errors: skipped, counted)
   3. the deal's sample filters                                          (exactly-once split)
   4. seeded shuffle buffer (training), drained at the end of the cycle
-  5. PyAV decode of the sampled frames (seeking) -> uint8 clip transform (decode errors: skipped, counted)
+  5. decode of the sampled frames only (PyAV with seeking, or the sampled JPEG/PNG members of a frame sequence)
+     -> uint8 clip transform (decode errors: skipped, counted)
   6. batches uint8 (B, T, C, H, W) / (B, V, T, C, H, W), plus the skips seen since the previous batch
 Clips stay uint8 up to the device: consumers call `transforms.normalize` after the (pinned, non_blocking) copy.
 
@@ -35,6 +36,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,13 +55,14 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from i2v.config import DataCfg
 from i2v.data.pack import VIDEO_SUFFIXES
 from i2v.data.transforms import eval_transform, train_transform
-from i2v.data.video import decode_frames, dense_indices, segment_indices
+from i2v.data.video import decode_frames, decode_image_frames, dense_indices, segment_indices
 
 _logger = logging.getLogger(__name__)
 
 VIDEO_EXTS: Final = tuple(s.lstrip(".") for s in VIDEO_SUFFIXES)
 MAX_SKIP_KEYS: Final = 10_000  # keys kept by a SkipCounter; counts are always exact
 MAX_FAILED_IN_A_ROW: Final = 1000  # resampled mode: this many undecodable samples in a row is a broken dataset
+FRAME_MEMBER: Final = re.compile(r"^(\d+)\.(jpg|jpeg|png)$")  # one image of a frame sequence: KEY.00012.jpg
 
 
 class SkipCounter:
@@ -293,7 +296,12 @@ def steps_per_epoch(cfg: DataCfg, world_size: int = 1) -> int:
 
 @dataclass
 class ClipSpec:
-    """How one sample becomes one clip tensor (picklable, so it can cross into loader workers)."""
+    """How one sample becomes one clip tensor (picklable, so it can cross into loader workers).
+
+    A sample holds a video file (one member with a video extension) or a frame sequence (members `00000.jpg`,
+    `00001.jpg`, ... in frame order by number; `.png` too): both go through the same sampler plan, and only the
+    sampled frames are decoded.
+    """
 
     frames: int
     sampler: Literal["segment", "dense"]
@@ -305,8 +313,9 @@ class ClipSpec:
 
     def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
         ext = next((e for e in VIDEO_EXTS if e in sample), None)
-        if ext is None:
-            raise ValueError(f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        images = sorted((int(m[1]), k) for k in sample if (m := FRAME_MEMBER.match(k))) if ext is None else []
+        if ext is None and not images:
+            raise ValueError(f"no video or frame members (has {sorted(k for k in sample if not k.startswith('__'))})")
         if "cls" not in sample:
             raise ValueError("no cls member")
         label = int(sample["cls"])
@@ -317,7 +326,10 @@ class ClipSpec:
                 return segment_indices(n, self.frames, clips=self.clips, train=self.train, rng=np_rng)
             return dense_indices(n, self.frames, self.stride, clips=self.clips, train=self.train, rng=np_rng)
 
-        frames = decode_frames(sample[ext], plan, threads=self.threads)  # (clips, T, H, W, 3) uint8
+        if ext is not None:
+            frames = decode_frames(sample[ext], plan, threads=self.threads)  # (clips, T, H, W, 3) uint8
+        else:
+            frames = decode_image_frames([sample[k] for _, k in images], plan)
         video = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)  # (clips, T, C, H, W)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
             torch.manual_seed(rng.getrandbits(63))
