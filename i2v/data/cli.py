@@ -1,4 +1,4 @@
-"""`i2v data pack | synth | stats`: build WebDataset shards and check what the training pipeline reads from them.
+"""`i2v data pack | subset | synth | stats`: build WebDataset shards (and subsets of them), check what training reads.
 
 Heavy imports (torch, PyAV, webdataset) happen inside the command functions, so `i2v --help` stays fast.
 """
@@ -12,6 +12,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from i2v.data.subset import PERCENT_RULES  # stdlib only
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +49,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--fps", type=float, default=0, help="re-encode: frame rate (0: keep)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("subset", help="K-shot / data-percentage / fixed-list subset of a pack (no bytes copied)")
+    p.add_argument("src", type=Path, help="`i2v data pack` output directory to draw from (e.g. split-N train)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--shots", type=int, help="exactly K clips of every class, without replacement")
+    how.add_argument("--percent", type=float, help="data fraction p in (0, 1], by --rule")
+    how.add_argument("--list", type=Path, help="import a fixed '<file name> <0-based label>' list (ViFi-CLIP format)")
+    p.add_argument("--rule", choices=PERCENT_RULES, default="random", help="--percent rule (docs/data.md)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (recorded in index.json)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="subset directory to write (index.json, labels.json, list.txt)"
+    )
+    p.set_defaults(func=cmd_subset)
 
     p = sub.add_parser("synth", help="generate the synthetic temporal-order benchmark (mp4 + shards)")
     p.add_argument("--out", type=Path, required=True)
@@ -116,6 +131,20 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if index["rejected"]:
         print(f"{index['rejected']} videos rejected, see {args.out / 'rejects.csv'}")
     return 0 if index["samples"] else 1
+
+
+def cmd_subset(args: argparse.Namespace) -> int:
+    from i2v.data.subset import make_subset
+
+    record = make_subset(
+        args.src, args.out, shots=args.shots, percent=args.percent, rule=args.rule, list_path=args.list, seed=args.seed
+    )
+    index = json.loads((args.out / "index.json").read_text())
+    print(
+        f"{index['samples']} of {record['source_samples']} clips ({record['rule']}, seed {record['seed']}): {args.out}"
+    )
+    print(f"list: {args.out / 'list.txt'}  sha256 {record['list_sha256']}")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
