@@ -61,6 +61,8 @@ def test_readers_stats_and_training_configs_take_a_subset(src, tmp_path):
     assert (
         report["clips"] == 6 and report["labels"] == {"class0": 2, "class1": 2, "class2": 2} and not report["skipped"]
     )
+    assert main(["data", "stats", str(dst), "--frames", "4", "--size", "32", "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["clips"] == 6
     assert count_samples(str(dst)) == 6  # the shard index counts the chosen clips: a true epoch is K x C clips
     cfg = DataCfg(train_shards=str(dst), val_shards=str(dst), num_classes=3, frames=4, size=32, batch_size=2,
                   num_workers=0, shuffle_buffer=4)  # fmt: skip

@@ -104,3 +104,22 @@ def test_a_fewshot_config_per_dataset_and_method_names_its_protocol():
                 50,
             )
             assert cfg.data.test_clips * cfg.data.test_crops == 1 and cfg.backbone.name == "ViT-B-16"
+
+
+def test_protocol_subsets_for_shots_percent_and_fixed_lists(shards, tmp_path):
+    import hashlib
+
+    from tune.fewshot import draw_subsets
+
+    source = str(ROOT / shards.train).rsplit("/", 1)[0]
+    subs = draw_subsets(source, tmp_path, [1, 3], [0, 1], "shots", "random", {})
+    assert {k: v["samples"] for k, v in subs.items()} == {"1/0": 2, "1/1": 2, "3/0": 6, "3/1": 6}
+    assert subs["3/0"]["list_sha256"] != subs["3/1"]["list_sha256"]  # a new draw per seed
+    subs = draw_subsets(source, tmp_path, [0.5], [0], "percent", "per_class", {})
+    assert subs["0.5/0"]["samples"] == 8 and subs["0.5/0"]["rule"] == "percent/per_class"
+    listing = tmp_path / "train1_few_shot_1.txt"
+    names = (tmp_path / "subsets/k1-s0/list.txt").read_text()
+    listing.write_text(names)
+    subs = draw_subsets(source, tmp_path, [1], [0, 1], "shots", "random", {1: str(listing)})
+    assert subs["1/0"]["dir"] == subs["1/1"]["dir"] == str(tmp_path / "subsets/k1-list")  # seeds vary training only
+    assert subs["1/0"]["list_sha256"] == hashlib.sha256(listing.read_bytes()).hexdigest()
