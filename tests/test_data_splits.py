@@ -224,3 +224,25 @@ def test_ssv1_frames_train_in_the_smoke_setting(tmp_path):
         v for v, _ in build_eval_loader(DataCfg(val_shards=str(out), frames=4, size=32, num_classes=3, test_clips=2))
     ]
     assert sum(len(v) for v in views) == 12 and views[0].shape[1:] == (2, 4, 3, 32, 32)
+
+
+def test_side4video_rawframes_list_with_id_name_labels(tmp_path):
+    root = tmp_path / "frames"
+    for vid in ("1", "2", "3"):
+        write_frames(root / vid, t=3)
+    (tmp_path / "sth_labels.csv").write_text("id,name\n0,Approaching something\n1,Holding something\n")
+    (tmp_path / "train_rgb.txt").write_text("1 3 1\n2 3 0\n3 3 1\n")  # <id> <num_frames> <label>
+    out = tmp_path / "out"
+    args = ["--rawframes", str(tmp_path / "train_rgb.txt"), "--labels", str(tmp_path / "sth_labels.csv")]
+    assert pack_cli(*args, "--root", str(root), "--out", str(out)) == 0
+    assert read_label_map(out) == ["Approaching something", "Holding something"]
+    assert _metas(out) == {
+        "1": ("Holding something", 1),
+        "2": ("Approaching something", 0),
+        "3": ("Holding something", 1),
+    }
+    (tmp_path / "bad.txt").write_text("1 3 2\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:1: label 2 is past the 2 class names"):
+        pack_cli(
+            "--rawframes", str(tmp_path / "bad.txt"), "--labels", str(tmp_path / "sth_labels.csv"), "--out", str(out)
+        )

@@ -31,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     src.add_argument("--ssv2-json", type=Path, help="something-something-v2-{train,validation}.json")
     src.add_argument("--ssv1-csv", type=Path, help="something-something-v1-{train,validation}.csv (id;label)")
     src.add_argument(
+        "--rawframes", type=Path, help="'<folder> <num_frames> <label>' list (Side4Video sthv1, mmaction2)"
+    )
+    src.add_argument(
         "--ucf101", type=Path, metavar="SPLITS_DIR", help="UCF101 ucfTrainTestlist/ (with --split, --part)"
     )
     src.add_argument("--hmdb51", type=Path, metavar="SPLITS_DIR", help="HMDB51 *_test_splitN.txt dir (--split, --part)")
@@ -40,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--part", choices=["train", "test"], help="UCF101 / HMDB51: which side of the split to pack")
     p.add_argument("--root", type=Path, help="directory the list's / annotation's videos are relative to")
     p.add_argument("--out", type=Path, required=True, help="shard directory to write")
-    p.add_argument("--labels", type=Path, help="fix the class order: labels.json of another split, or a name list")
+    p.add_argument("--labels", type=Path, help="class order: labels.json of another split, a name list, an id,name CSV")
     p.add_argument("--shard-samples", type=int, default=1000, help="max samples per shard")
     p.add_argument("--shard-bytes", type=float, default=1e9, help="max source bytes per shard")
     p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
@@ -104,6 +107,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
             raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --root (the folder of per-class video folders)")
         read = packing.ucf101_items if args.ucf101 else packing.hmdb51_items
         items, names = read(args.ucf101 or args.hmdb51, args.root, args.split, args.part)
+        labels = labels or names
+    elif args.rawframes:
+        items, names = packing.rawframes_items(args.rawframes, args.root or args.rawframes.parent, labels)
         labels = labels or names
     elif args.ssv1_csv:
         if not args.ssv1_labels:

@@ -214,6 +214,29 @@ def ssv1_items(
     return items, names
 
 
+def rawframes_items(
+    list_path: str | Path, root: str | Path, labels: list[str] | None = None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """A frame-folder list `<folder> <num_frames> <0-based label>` -> ((folder, label) items, class names).
+
+    The format of Side4Video's `lists/sthv1/{train,val}_rgb.txt` and of mmaction2's rawframe annotation files.
+    Folders are `root/<folder>`; the frame count is not read (the packer counts the images). Class names come from
+    `labels` (index = label) or are the label numbers themselves.
+    """
+    items, rows = [], []
+    for lineno, line in _lines(list_path):
+        fields = line.split()
+        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+            raise ValueError(f"{list_path}:{lineno}: expected '<folder> <num_frames> <label>', got {line!r}")
+        rows.append((lineno, fields[0], int(fields[2])))
+    names = list(labels) if labels is not None else [str(i) for i in range(max((r[2] for r in rows), default=-1) + 1)]
+    for lineno, folder, label in rows:
+        if label >= len(names):
+            raise ValueError(f"{list_path}:{lineno}: label {label} is past the {len(names)} class names")
+        items.append((str(Path(root) / folder), names[label]))
+    return items, names
+
+
 def _lines(path: str | Path) -> list[tuple[int, str]]:
     """(1-based line number, stripped text) of the non-blank lines of a text file."""
     try:
@@ -248,8 +271,20 @@ def _video_or_frames(path: Path) -> str:
 
 
 def load_labels(path: str | Path) -> list[str]:
-    """Reads class names: a JSON list, a JSON {name: index} mapping, or a text file with one name per line."""
+    """Reads class names: a JSON list, a JSON {name: index} mapping, an `id,name` CSV with that header (Side4Video's
+    `lists/sth_labels.csv`, ViFi-CLIP's `labels/*_labels.csv`), or a text file with one name per line."""
     path = Path(path)
+    first = path.read_text().partition("\n")[0].strip().lower().replace(" ", "")
+    if path.suffix == ".csv" and first == "id,name":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+        try:
+            ids = {int(r["id"]): r["name"].strip() for r in rows}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: expected 'id,name' rows with integer ids") from None
+        if sorted(ids) != list(range(len(ids))):
+            raise ValueError(f"{path}: ids must be 0..{len(ids) - 1}")
+        return [ids[i] for i in range(len(ids))]
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, dict):
