@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from i2v.config import ConfigError, load_config
+from i2v.data.subset import PERCENT_RULES
 from i2v.files import atomic_write
 from tune.spaces import with_overrides
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     how.add_argument("--shots", type=int, nargs="+", help="K values (X-CLIP / ViFi-CLIP: 2 4 8 16)")
     how.add_argument("--percent", type=float, nargs="+", help="data fractions p (with --rule)")
     how.add_argument("--lists", nargs="+", metavar="K=FILE", help="fixed K-shot lists (ViFi-CLIP format) per K")
-    p.add_argument("--rule", default="random", help="--percent rule (i2v data subset --rule)")
+    p.add_argument("--rule", choices=PERCENT_RULES, default="random", help="--percent rule (i2v data subset --rule)")
     p.add_argument("--repeats", type=int, default=3, help="seeds 0 .. R-1 (ignored with --seeds)")
     p.add_argument("--seeds", type=int, nargs="+", help="explicit seeds")
     p.add_argument("--epochs", choices=["true", "repeat"], default="true", help="epoch semantics (module docstring)")
