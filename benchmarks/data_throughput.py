@@ -1,8 +1,9 @@
-"""Data pipeline throughput: clips/s of `build_train_loader` for 8x224 clips from 320p H.264 shards.
+"""Data pipeline throughput: clips/s of `build_train_loader` for 8x224 clips from 320p H.264 shards and JPEG frames.
 
 Generates synthetic 320p (568x320, 25 fps) H.264 videos with moving objects over textured, noisy backgrounds, packs
-them twice (original bytes; `--reencode` to a 256 px short side with short GOPs), then times the training loader
-(dense sampler, 8 frames, stride 4, 224 px RandomResizedCrop) with 0, 1 and 2 DataLoader workers.
+them three times (original bytes; `--reencode` to a 256 px short side with short GOPs; every frame extracted to a
+folder of JPEGs (quality 90, full 568x320), packed as frame sequences like Something-Something-v1), then times the
+training loader (dense sampler, 8 frames, stride 4, 224 px RandomResizedCrop) with 0, 1 and 2 DataLoader workers.
 
     python benchmarks/data_throughput.py --out runs/bench/data_throughput.json
     python benchmarks/data_throughput.py --quick          # a smoke check in well under a minute
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 
@@ -40,6 +42,22 @@ def make_videos(root: Path, clips: int, frames: int, seed: int) -> list[tuple[st
             path.write_bytes(encode_video(clip, 25, options={"crf": "23", "preset": "veryfast"}))
         items.append((str(path), name))
     return items
+
+
+def extract_frames(items: list[tuple[str, str]], root: Path) -> list[tuple[str, str]]:
+    """Every frame of each video as root/<video stem>/00001.jpg ... (JPEG quality 90): frame-folder datasets."""
+    out = []
+    for path, label in items:
+        folder = root / Path(path).stem
+        if not folder.is_dir():
+            tmp = folder.with_name(folder.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            with av.open(path) as container:
+                for i, frame in enumerate(container.decode(video=0)):
+                    frame.to_image().save(tmp / f"{i + 1:05d}.jpg", quality=90)
+            tmp.rename(folder)
+        out.append((str(folder), label))
+    return out
 
 
 def time_loader(pattern: str, workers: int, batch_size: int, batches: int) -> dict:
@@ -108,6 +126,9 @@ def main() -> None:
                 progress=False,
                 reencode_to={"short_side": 256, "fps": 0, "gop": 16},
             ),
+            "frames": pack(
+                extract_frames(items, root / "frames_src"), root / "frames", shard_samples=8, progress=False
+            ),
         }
         t2 = time.perf_counter()
         sizes = {k: sum(p.stat().st_size for p in (root / k).glob("*.tar")) for k in shards}
@@ -128,6 +149,7 @@ def main() -> None:
             "frames_per_video": args.frames,
             "video": "568x320 H.264 crf23 25fps",
             "reencoded": "256 px short side, GOP 16, x264 tune=fastdecode",
+            "frames": "every frame as a 568x320 JPEG (quality 90), packed as a frame sequence",
             "clip": "8 frames, stride 4, 224 px",
             "batch_size": args.batch_size,
             "timed_batches": args.batches,

@@ -1,4 +1,4 @@
-"""`i2v data pack | synth | stats`: build WebDataset shards and check what the training pipeline reads from them.
+"""`i2v data pack | subset | synth | stats`: build WebDataset shards (and subsets of them), check what training reads.
 
 Heavy imports (torch, PyAV, webdataset) happen inside the command functions, so `i2v --help` stays fast.
 """
@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from i2v.data.subset import PERCENT_RULES  # stdlib only
+
 _logger = logging.getLogger(__name__)
 
 
@@ -24,13 +26,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = sub.add_parser("pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--list", type=Path, help="CSV/TSV of 'path,label' rows (paths relative to --root)")
-    src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video>")
+    src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video or frame folder>")
     src.add_argument("--kinetics-csv", type=Path, help="Kinetics annotation CSV (label,youtube_id,time_start,...)")
     src.add_argument("--ssv2-json", type=Path, help="something-something-v2-{train,validation}.json")
+    src.add_argument("--ssv1-csv", type=Path, help="something-something-v1-{train,validation}.csv (id;label)")
+    src.add_argument(
+        "--rawframes", type=Path, help="'<folder> <num_frames> <label>' list (Side4Video sthv1, mmaction2)"
+    )
+    src.add_argument(
+        "--ucf101", type=Path, metavar="SPLITS_DIR", help="UCF101 ucfTrainTestlist/ (with --split, --part)"
+    )
+    src.add_argument("--hmdb51", type=Path, metavar="SPLITS_DIR", help="HMDB51 *_test_splitN.txt dir (--split, --part)")
     p.add_argument("--ssv2-labels", type=Path, help="something-something-v2-labels.json (with --ssv2-json)")
+    p.add_argument("--ssv1-labels", type=Path, help="something-something-v1-labels.csv (with --ssv1-csv)")
+    p.add_argument("--split", type=int, default=1, help="UCF101 / HMDB51 official split number N (default 1)")
+    p.add_argument("--part", choices=["train", "test"], help="UCF101 / HMDB51: which side of the split to pack")
     p.add_argument("--root", type=Path, help="directory the list's / annotation's videos are relative to")
     p.add_argument("--out", type=Path, required=True, help="shard directory to write")
-    p.add_argument("--labels", type=Path, help="fix the class order: labels.json of another split, or a name list")
+    p.add_argument("--labels", type=Path, help="class order: labels.json of another split, a name list, an id,name CSV")
     p.add_argument("--shard-samples", type=int, default=1000, help="max samples per shard")
     p.add_argument("--shard-bytes", type=float, default=1e9, help="max source bytes per shard")
     p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
@@ -39,6 +52,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--fps", type=float, default=0, help="re-encode: frame rate (0: keep)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("subset", help="K-shot / data-percentage / fixed-list subset of a pack (no bytes copied)")
+    p.add_argument("src", type=Path, help="`i2v data pack` output directory to draw from (e.g. split-N train)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--shots", type=int, help="exactly K clips of every class, without replacement")
+    how.add_argument("--percent", type=float, help="data fraction p in (0, 1], by --rule")
+    how.add_argument("--list", type=Path, help="import a fixed '<file name> <0-based label>' list (ViFi-CLIP format)")
+    p.add_argument("--rule", choices=PERCENT_RULES, default="random", help="--percent rule (docs/data.md)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (recorded in index.json)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="subset directory to write (index.json, labels.json, list.txt)"
+    )
+    p.set_defaults(func=cmd_subset)
 
     p = sub.add_parser("synth", help="generate the synthetic temporal-order benchmark (mp4 + shards)")
     p.add_argument("--out", type=Path, required=True)
@@ -74,6 +100,22 @@ def cmd_pack(args: argparse.Namespace) -> int:
         items = packing.scan_folders(args.videos)
     elif args.kinetics_csv:
         items = packing.kinetics_items(args.kinetics_csv, args.root or args.kinetics_csv.parent)
+    elif args.ucf101 or args.hmdb51:
+        if not args.part:
+            raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --part train or --part test")
+        if not args.root:
+            raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --root (the folder of per-class video folders)")
+        read = packing.ucf101_items if args.ucf101 else packing.hmdb51_items
+        items, names = read(args.ucf101 or args.hmdb51, args.root, args.split, args.part)
+        labels = labels or names
+    elif args.rawframes:
+        items, names = packing.rawframes_items(args.rawframes, args.root or args.rawframes.parent, labels)
+        labels = labels or names
+    elif args.ssv1_csv:
+        if not args.ssv1_labels:
+            raise SystemExit("i2v data pack: --ssv1-csv needs --ssv1-labels")
+        items, names = packing.ssv1_items(args.ssv1_csv, args.ssv1_labels, args.root or args.ssv1_csv.parent)
+        labels = labels or names
     else:
         if not args.ssv2_labels:
             raise SystemExit("i2v data pack: --ssv2-json needs --ssv2-labels")
@@ -95,6 +137,20 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if index["rejected"]:
         print(f"{index['rejected']} videos rejected, see {args.out / 'rejects.csv'}")
     return 0 if index["samples"] else 1
+
+
+def cmd_subset(args: argparse.Namespace) -> int:
+    from i2v.data.subset import make_subset
+
+    record = make_subset(
+        args.src, args.out, shots=args.shots, percent=args.percent, rule=args.rule, list_path=args.list, seed=args.seed
+    )
+    index = json.loads((args.out / "index.json").read_text())
+    print(
+        f"{index['samples']} of {record['source_samples']} clips ({record['rule']}, seed {record['seed']}): {args.out}"
+    )
+    print(f"list: {args.out / 'list.txt'}  sha256 {record['list_sha256']}")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -2,9 +2,10 @@
 
 Output directory layout (what `i2v.data.wds` reads):
 
-    OUT/shard-000000.tar ...   per sample KEY.<ext> (the original video bytes, or KEY.mp4 when re-encoded),
-                               KEY.cls (class index, ASCII) and KEY.json (label, path, fps, frames, duration, width,
-                               height, codec)
+    OUT/shard-000000.tar ...   per sample KEY.<ext> (the original video bytes, or KEY.mp4 when re-encoded) or, for
+                               a folder of frames, KEY.00000.jpg, KEY.00001.jpg, ... (the original image bytes, in
+                               frame order), KEY.cls (class index, ASCII) and KEY.json (label, path, fps, frames,
+                               duration, width, height, codec; a frame folder has fps 0 and codec jpeg or png)
     OUT/labels.json            class names; list position = class index
     OUT/index.json             {"pattern", "samples", "shards": {name: samples}, "classes": {name: samples}, "rejected"}
     OUT/rejects.csv            path,reason of every video that was not packed
@@ -32,12 +33,13 @@ from typing import Final
 
 from tqdm import tqdm
 
-from i2v.data.video import probe, reencode
+from i2v.data.video import probe, probe_image, reencode
 from i2v.files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES: Final = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv")
+IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".png")  # frames of a video stored as a folder of images
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,7 +70,10 @@ def read_list(path: str | Path, root: str | Path | None = None) -> list[tuple[st
 
 
 def scan_folders(videos_dir: str | Path) -> list[tuple[str, str]]:
-    """Lists an ImageFolder-style tree: `videos_dir/<class name>/**/<video>`; the folder name is the label."""
+    """Lists an ImageFolder-style tree: `videos_dir/<class name>/**/<video>`; the folder name is the label.
+
+    A video is a video file, or a folder holding image frames (`*.jpg`, `*.jpeg`, `*.png`; extracted frames).
+    """
     videos_dir = Path(videos_dir)
     classes = sorted(p for p in videos_dir.iterdir() if p.is_dir()) if videos_dir.is_dir() else []
     if not classes:
@@ -77,8 +82,14 @@ def scan_folders(videos_dir: str | Path) -> list[tuple[str, str]]:
         (str(f), c.name)
         for c in classes
         for f in sorted(c.rglob("*"))
-        if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file()
+        if (f.suffix.lower() in VIDEO_SUFFIXES and f.is_file()) or (f.is_dir() and frame_files(f))
     ]
+
+
+def frame_files(folder: str | Path) -> list[Path]:
+    """The image files of a frame folder in frame order (numbers in names compare as numbers: img_2 < img_10)."""
+    files = [f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    return sorted(files, key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)])
 
 
 def kinetics_items(csv_path: str | Path, root: str | Path) -> list[tuple[str, str]]:
@@ -128,9 +139,152 @@ def ssv2_items(
     return items, names
 
 
+def ucf101_items(
+    splits_dir: str | Path, root: str | Path, split: int, part: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """UCF101 official splits (`ucfTrainTestlist/`) -> ((path, label) items, class names in index order).
+
+    `classInd.txt` lines are `<1-based id> <ClassName>` (class index = id - 1); `trainlist0N.txt` lines are
+    `<ClassName>/<file> <id>` and `testlist0N.txt` lines `<ClassName>/<file>`: the label always comes from the
+    directory part (the trailing id is ignored, as mmaction2's parser does). Videos are `root/<ClassName>/<file>`, or
+    a frame folder `root/<ClassName>/<file stem>/` when the video file is absent.
+    """
+    splits_dir = Path(splits_dir)
+    names = _numbered_names(splits_dir / "classInd.txt")
+    known = set(names)
+    _check_part(part)
+    path = splits_dir / f"{'trainlist' if part == 'train' else 'testlist'}{split:02d}.txt"
+    items = []
+    for lineno, line in _lines(path):
+        rel = line.split()[0]
+        label = rel.split("/")[0]
+        if "/" not in rel or label not in known:
+            raise ValueError(
+                f"{path}:{lineno}: expected '<ClassName>/<file>' with a class of classInd.txt, got {line!r}"
+            )
+        items.append((_video_or_frames(Path(root) / rel), label))
+    return items, names
+
+
+def hmdb51_items(
+    splits_dir: str | Path, root: str | Path, split: int, part: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """HMDB51 official splits (`testTrainMulti_7030_splits/`) -> ((path, label) items, class names in index order).
+
+    One file per class and split, `<class>_test_split<N>.txt`, lines `<video>.avi <flag>`: flag 1 = train, 2 = test,
+    anything else (0) is not used in that split. Class indices follow the sorted class names (as mmaction2's
+    `classInd.txt` for HMDB51 does). Videos are `root/<class>/<video>`, or a frame folder `root/<class>/<video stem>/`
+    when the video file is absent.
+    """
+    _check_part(part)
+    suffix = f"_test_split{split}.txt"
+    files = {f.name[: -len(suffix)]: f for f in Path(splits_dir).glob(f"*{suffix}")}
+    if not files:
+        raise ValueError(f"{splits_dir}: no *{suffix} files (HMDB51's testTrainMulti_7030_splits)")
+    names = sorted(files)
+    want = "1" if part == "train" else "2"
+    items = []
+    for name in names:
+        for lineno, line in _lines(files[name]):
+            fields = line.split()
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise ValueError(f"{files[name]}:{lineno}: expected '<video> <flag 0|1|2>', got {line!r}")
+            if fields[1] == want:
+                items.append((_video_or_frames(Path(root) / name / fields[0]), name))
+    return items, names
+
+
+def ssv1_items(
+    csv_path: str | Path, labels_path: str | Path, root: str | Path
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Something-Something-v1 (JPEG frame folders) -> ((folder, label) items, class names in index order).
+
+    `labels_path` is `something-something-v1-labels.csv`, one class name per line (class index = 0-based line
+    order); `csv_path` is `something-something-v1-{train,validation}.csv`, lines `<id>;<label text>`; the frames of
+    video `<id>` are `root/<id>/00001.jpg ...`. The test CSV has no labels and is refused.
+    """
+    names = [line for _, line in _lines(labels_path)]
+    known = set(names)
+    items = []
+    for lineno, line in _lines(csv_path):
+        vid, sep, label = line.partition(";")
+        if not sep or not vid.strip() or label.strip() not in known:
+            raise ValueError(f"{csv_path}:{lineno}: expected '<id>;<label of {Path(labels_path).name}>', got {line!r}")
+        items.append((str(Path(root) / vid.strip()), label.strip()))
+    return items, names
+
+
+def rawframes_items(
+    list_path: str | Path, root: str | Path, labels: list[str] | None = None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """A frame-folder list `<folder> <num_frames> <0-based label>` -> ((folder, label) items, class names).
+
+    The format of Side4Video's `lists/sthv1/{train,val}_rgb.txt` and of mmaction2's rawframe annotation files.
+    Folders are `root/<folder>`; the frame count is not read (the packer counts the images). Class names come from
+    `labels` (index = label) or are the label numbers themselves.
+    """
+    items, rows = [], []
+    for lineno, line in _lines(list_path):
+        fields = line.split()
+        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+            raise ValueError(f"{list_path}:{lineno}: expected '<folder> <num_frames> <label>', got {line!r}")
+        rows.append((lineno, fields[0], int(fields[2])))
+    names = list(labels) if labels is not None else [str(i) for i in range(max((r[2] for r in rows), default=-1) + 1)]
+    for lineno, folder, label in rows:
+        if label >= len(names):
+            raise ValueError(f"{list_path}:{lineno}: label {label} is past the {len(names)} class names")
+        items.append((str(Path(root) / folder), names[label]))
+    return items, names
+
+
+def _lines(path: str | Path) -> list[tuple[int, str]]:
+    """(1-based line number, stripped text) of the non-blank lines of a text file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _numbered_names(path: Path) -> list[str]:
+    """`<1-based id> <name>` lines (UCF101 classInd.txt) -> names in id order; ids must be 1..N."""
+    ids = {}
+    for lineno, line in _lines(path):
+        num, _, name = line.partition(" ")
+        if not num.isdigit() or not name.strip():
+            raise ValueError(f"{path}:{lineno}: expected '<1-based id> <ClassName>', got {line!r}")
+        ids[int(num)] = name.strip()
+    if sorted(ids) != list(range(1, len(ids) + 1)):
+        raise ValueError(f"{path}: class ids must be 1..{len(ids)}, got {sorted(ids)[:5]}...")
+    return [ids[i] for i in range(1, len(ids) + 1)]
+
+
+def _check_part(part: str) -> None:
+    if part not in ("train", "test"):
+        raise ValueError(f"split part: expected 'train' or 'test', got {part!r}")
+
+
+def _video_or_frames(path: Path) -> str:
+    """The video file, or the frame folder named after its stem when only extracted frames exist."""
+    frames = path.with_suffix("")
+    return str(frames if not path.exists() and frames.is_dir() else path)
+
+
 def load_labels(path: str | Path) -> list[str]:
-    """Reads class names: a JSON list, a JSON {name: index} mapping, or a text file with one name per line."""
+    """Reads class names: a JSON list, a JSON {name: index} mapping, an `id,name` CSV with that header (Side4Video's
+    `lists/sth_labels.csv`, ViFi-CLIP's `labels/*_labels.csv`), or a text file with one name per line."""
     path = Path(path)
+    first = path.read_text().partition("\n")[0].strip().lower().replace(" ", "")
+    if path.suffix == ".csv" and first == "id,name":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+        try:
+            ids = {int(r["id"]): r["name"].strip() for r in rows}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: expected 'id,name' rows with integer ids") from None
+        if sorted(ids) != list(range(len(ids))):
+            raise ValueError(f"{path}: ids must be 0..{len(ids) - 1}")
+        return [ids[i] for i in range(len(ids))]
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, dict):
@@ -163,7 +317,7 @@ def pack(
     """Writes `items` as tar shards plus labels.json, index.json and rejects.csv in `out_dir`.
 
     Args:
-        items: (video path, label name) pairs.
+        items: (video file or frame folder, label name) pairs.
         out_dir: Output directory (created).
         labels: Class names in index order; default: the sorted distinct labels of `items`.
         shard_samples: Maximum samples per shard.
@@ -178,6 +332,8 @@ def pack(
     """
     if not items:
         raise ValueError(f"{out_dir}: no videos to pack")
+    if reencode_to is not None and any(os.path.isdir(path) for path, _ in items):
+        raise ValueError(f"{out_dir}: re-encoding applies to video files; the list holds frame folders")
     out = Path(out_dir)
     (out / ".parts").mkdir(parents=True, exist_ok=True)
     labels = list(labels) if labels is not None else sorted({label for _, label in items})
@@ -237,7 +393,7 @@ def _plan(items: list[tuple[str, str]], max_samples: int, max_bytes: int) -> lis
     chunks, current, size = [], [], 0
     for j, (path, label) in enumerate(items):
         try:
-            nbytes = os.path.getsize(path)
+            nbytes = sum(f.stat().st_size for f in frame_files(path)) if os.path.isdir(path) else os.path.getsize(path)
         except OSError:
             nbytes = 0
         if current and (len(current) >= max_samples or size + nbytes > max_bytes):
@@ -261,6 +417,16 @@ def _pack_shard(
             try:
                 if label not in class_index:
                     raise ValueError(f"label {label!r} is not in the label map")
+                if os.path.isdir(path):
+                    members, info = _read_frames(path)
+                    meta = {"label": label, "path": path, **info.to_dict()}
+                    for name, data in members:
+                        _add(tar, f"{key}.{name}", data)
+                    _add(tar, f"{key}.cls", str(class_index[label]).encode())
+                    _add(tar, f"{key}.json", json.dumps(meta).encode())
+                    classes[class_index[label]] += 1
+                    nbytes += sum(len(d) for _, d in members)
+                    continue
                 data = _read_bytes(path)
                 info = probe(data)
                 ext = Path(path).suffix.lower().lstrip(".") or "mp4"
@@ -280,6 +446,18 @@ def _pack_shard(
     record = {**signature, "samples": sum(classes.values()), "bytes": nbytes, "rejects": rejects, "classes": classes}
     atomic_write(out / ".parts" / f"{final.stem}.json", json.dumps(record).encode())
     return json.loads(json.dumps(record))  # same types as a record read back on resume
+
+
+def _read_frames(folder: str) -> tuple[list[tuple[str, bytes]], object]:
+    """A frame folder -> ([("00000.jpg", bytes), ...] in frame order, VideoInfo of the first frame)."""
+    files = frame_files(folder)
+    if not files:
+        raise ValueError(f"no image frames ({'/'.join(IMAGE_SUFFIXES)}) in the folder")
+    ext = {".jpeg": "jpg"}.get(files[0].suffix.lower(), files[0].suffix.lower().lstrip("."))
+    if any(f.suffix.lower() != files[0].suffix.lower() for f in files):
+        raise ValueError("mixed image formats in one frame folder")
+    members = [(f"{i:05d}.{ext}", _read_bytes(str(f))) for i, f in enumerate(files)]
+    return members, probe_image(members[0][1], len(members))
 
 
 def _read_bytes(path: str) -> bytes:

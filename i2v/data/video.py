@@ -1,5 +1,8 @@
 """Video bytes in, frames out: PyAV decoding with seeking, frame-index samplers, encoding. Pure functions, no torch.
 
+A video can also be a sequence of encoded images (JPEG/PNG frames, e.g. Something-Something-v1):
+`decode_image_frames` decodes only the images a sampling plan asks for, with the same plans as `decode_frames`.
+
 Samplers:
 - segment (TSN, Wang et al., arXiv 1608.00859; the usual SSv2 protocol): T equal segments over the whole video, one
   frame per segment, random inside the segment in training, centred (or evenly offset per view) in testing;
@@ -23,6 +26,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from PIL import Image
 
 _logger = logging.getLogger(__name__)
 
@@ -112,6 +116,55 @@ def probe(data: bytes) -> VideoInfo:
         height=first.height,
         codec=codec,
     )
+
+
+def probe_image(data: bytes, frames: int) -> VideoInfo:
+    """The VideoInfo of a frame sequence from its first image (decoded); fps and duration are unknown (0).
+
+    Raises:
+        ValueError: When the bytes are not a decodable image.
+    """
+    image = _decode_image(data)
+    codec = {"JPEG": "jpeg", "PNG": "png"}.get(Image.open(io.BytesIO(data)).format, "image")
+    return VideoInfo(fps=0.0, frames=frames, duration=0.0, width=image.shape[1], height=image.shape[0], codec=codec)
+
+
+def decode_image_frames(images: list[bytes], plan: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Decodes only the images (one encoded image per frame, in frame order) that a sampling plan asks for.
+
+    Args:
+        images: Encoded frames (JPEG or PNG bytes).
+        plan: Maps the number of frames n to an int index array of any shape, values in [0, n).
+
+    Returns:
+        uint8 array (*plan(n).shape, H, W, 3).
+
+    Raises:
+        ValueError: When there are no frames, a sampled image does not decode, or sizes differ.
+    """
+    if not images:
+        raise ValueError("no frames")
+    index = np.asarray(plan(len(images)), dtype=np.int64).clip(0, len(images) - 1)
+    got = {}
+    for i in sorted(set(index.ravel().tolist())):
+        try:
+            got[i] = _decode_image(images[i])
+        except ValueError as e:
+            raise ValueError(f"frame {i}: {e}") from None
+    if len({a.shape for a in got.values()}) > 1:
+        raise ValueError(f"frames of different sizes: {sorted({a.shape for a in got.values()})}")
+    first = next(iter(got.values()))
+    return np.stack([got[i] for i in index.ravel().tolist()]).reshape(*index.shape, *first.shape)
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    if not data:
+        raise ValueError("empty image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad image data
+        raise ValueError(f"not a decodable image: {e}") from None
 
 
 def decode_frames(data: bytes, plan: Callable[[int], np.ndarray], *, threads: int = 1) -> np.ndarray:

@@ -8,10 +8,11 @@ Stages, each a generator inside one DataLoader worker (see `ClipStream.__iter__`
   1. the cycle's shard order (one permutation per (seed, epoch, cycle), the same on every slot) -> this (rank, loader
      worker) slot's deal (`deal_shards`): shards over ranks, then over each rank's workers; a level with fewer shards
      than parts deals samples instead (each part reads the shards and keeps every n-th sample)
-  2. tar members -> samples {__key__, <video ext>, cls, json}           (tar-level errors: skipped, counted)
-  3. the deal's sample filters                                          (exactly-once split)
+  2. tar members -> samples {__key__, <video ext> or 00000.jpg 00001.jpg ..., cls, json}  (tar errors: skipped, counted)
+  3. a subset's key filter (`i2v data subset`), then the deal's sample filters  (exactly-once split)
   4. seeded shuffle buffer (training), drained at the end of the cycle
-  5. PyAV decode of the sampled frames (seeking) -> uint8 clip transform (decode errors: skipped, counted)
+  5. decode of the sampled frames only (PyAV with seeking, or the sampled JPEG/PNG members of a frame sequence)
+     -> uint8 clip transform (decode errors: skipped, counted)
   6. batches uint8 (B, T, C, H, W) / (B, V, T, C, H, W), plus the skips seen since the previous batch
 Clips stay uint8 up to the device: consumers call `transforms.normalize` after the (pinned, non_blocking) copy.
 
@@ -34,7 +35,9 @@ import glob
 import itertools
 import json
 import logging
+import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,13 +56,14 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from i2v.config import DataCfg
 from i2v.data.pack import VIDEO_SUFFIXES
 from i2v.data.transforms import eval_transform, train_transform
-from i2v.data.video import decode_frames, dense_indices, segment_indices
+from i2v.data.video import decode_frames, decode_image_frames, dense_indices, segment_indices
 
 _logger = logging.getLogger(__name__)
 
 VIDEO_EXTS: Final = tuple(s.lstrip(".") for s in VIDEO_SUFFIXES)
 MAX_SKIP_KEYS: Final = 10_000  # keys kept by a SkipCounter; counts are always exact
 MAX_FAILED_IN_A_ROW: Final = 1000  # resampled mode: this many undecodable samples in a row is a broken dataset
+FRAME_MEMBER: Final = re.compile(r"^(\d+)\.(jpg|jpeg|png)$")  # one image of a frame sequence: KEY.00012.jpg
 
 
 class SkipCounter:
@@ -100,7 +104,8 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     """Shard URLs, in order, from what users pass: the one resolution behind every place that accepts shards.
 
     After brace expansion and `::` splitting, each local item is
-      - a directory holding `index.json` (an `i2v data pack` output): all of its shards, in index order;
+      - a directory holding `index.json` (an `i2v data pack` output): all of its shards, in index order; for an
+        `i2v data subset` directory, the source shards holding its clips (readers keep only its keys, `subset_keys`);
       - a glob (`*`, `?`, `[`): the sorted matching files;
       - else a shard file, which must exist.
     Remote URLs (`s3://`, `http://`, `pipe:`, ...) pass through unchecked.
@@ -121,11 +126,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
                     f"{url}: a directory without index.json; give an `i2v data pack` output directory or a shard "
                     f"pattern such as {Path(path) / 'shard-{000000..000009}.tar'}"
                 )
-            try:
-                names = list(json.loads(index.read_text())["shards"])
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{index}: not an `i2v data pack` index ({e})") from None
-            urls += [str(Path(path) / name) for name in names]
+            urls += list(_dir_index(path))
         elif any(c in path for c in "*?["):
             matches = sorted(glob.glob(path))
             if not matches:
@@ -140,6 +141,40 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     if not urls:
         raise ValueError(f"{shards!r}: no shards named")
     return urls
+
+
+def _dir_index(path: str) -> dict[str, int]:
+    """Samples per shard of a pack (or subset) directory, from its index.json, keyed by shard path in index order.
+
+    A subset's shards live in its source pack (names relative to the subset directory, normalised here).
+    """
+    index = Path(path) / "index.json"
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index}: not an `i2v data pack` index ({e})") from None
+    return {os.path.normpath(Path(path) / name): n for name, n in shards.items()}
+
+
+def subset_keys(shards: str) -> frozenset[str] | None:
+    """The sample keys a subset directory (`i2v data subset`) keeps, or None when `shards` names no subset.
+
+    Raises:
+        ValueError: When a subset directory is combined with other shards (its keys would filter them too).
+    """
+    items = expand_urls(shards)
+    for url in items:
+        path = _local_path(url)
+        index = Path(path) / "index.json" if path is not None else None
+        if index is None or not index.is_file():
+            continue
+        subset = json.loads(index.read_text()).get("subset")
+        if subset is None:
+            continue
+        if len(items) > 1:
+            raise ValueError(f"{shards!r}: the subset directory {url} cannot be combined with other shards")
+        return frozenset(subset["keys"])
+    return None
 
 
 def _local_path(url: str) -> str | None:
@@ -174,6 +209,10 @@ def read_shard_index(shard_dir_or_pattern: str | Path) -> dict[str, int]:
         FileNotFoundError: When index.json cannot be read or a local shard does not exist (the message names it).
         ValueError: When a named shard is not in its directory's index, for `pipe:` URLs or an empty pattern.
     """
+    where = _local_path(str(shard_dir_or_pattern))
+    if where is not None and Path(where).is_dir():  # a pack or subset directory: its own index
+        expand_shards(where)  # every shard must exist
+        return _dir_index(where)
     counts, indexes = {}, {}
     for url in expand_shards(str(shard_dir_or_pattern)):
         parent = url.rsplit("/", 1)[0] if "/" in url else "."
@@ -293,7 +332,12 @@ def steps_per_epoch(cfg: DataCfg, world_size: int = 1) -> int:
 
 @dataclass
 class ClipSpec:
-    """How one sample becomes one clip tensor (picklable, so it can cross into loader workers)."""
+    """How one sample becomes one clip tensor (picklable, so it can cross into loader workers).
+
+    A sample holds a video file (one member with a video extension) or a frame sequence (members `00000.jpg`,
+    `00001.jpg`, ... in frame order by number; `.png` too): both go through the same sampler plan, and only the
+    sampled frames are decoded.
+    """
 
     frames: int
     sampler: Literal["segment", "dense"]
@@ -305,8 +349,11 @@ class ClipSpec:
 
     def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
         ext = next((e for e in VIDEO_EXTS if e in sample), None)
-        if ext is None:
-            raise ValueError(f"no video member (has {sorted(k for k in sample if not k.startswith('__'))})")
+        images = sorted((int(m[1]), k) for k in sample if (m := FRAME_MEMBER.match(k))) if ext is None else []
+        if ext is None and not images:
+            raise ValueError(
+                f"no video member nor image frames (has {sorted(k for k in sample if not k.startswith('__'))})"
+            )
         if "cls" not in sample:
             raise ValueError("no cls member")
         label = int(sample["cls"])
@@ -317,7 +364,10 @@ class ClipSpec:
                 return segment_indices(n, self.frames, clips=self.clips, train=self.train, rng=np_rng)
             return dense_indices(n, self.frames, self.stride, clips=self.clips, train=self.train, rng=np_rng)
 
-        frames = decode_frames(sample[ext], plan, threads=self.threads)  # (clips, T, H, W, 3) uint8
+        if ext is not None:
+            frames = decode_frames(sample[ext], plan, threads=self.threads)  # (clips, T, H, W, 3) uint8
+        else:
+            frames = decode_image_frames([sample[k] for _, k in images], plan)
         video = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)  # (clips, T, C, H, W)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
             torch.manual_seed(rng.getrandbits(63))
@@ -341,6 +391,7 @@ class ClipStream(IterableDataset):
         resampled: bool,
         shuffle: bool,
         shuffle_buffer: int,
+        keys: frozenset[str] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("no shards given")
@@ -349,6 +400,7 @@ class ClipStream(IterableDataset):
         self.urls, self.clip, self.batch_size = list(urls), clip, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle, self.shuffle_buffer = resampled, shuffle, shuffle_buffer
+        self.keys = keys  # a subset's sample keys: every other sample is dropped before the deal's filters
         self.epoch = 0
 
     def __iter__(self) -> Iterator[tuple]:
@@ -371,6 +423,8 @@ class ClipStream(IterableDataset):
         for cycle in itertools.count() if self.resampled else range(1):
             shards, keep = deal_shards(self.shard_order(cycle), self.rank, self.world_size, worker, workers)
             samples = _tar_samples(shards, skips)
+            if self.keys is not None:
+                samples = (s for s in samples if s["__key__"] in self.keys)
             for part, parts in keep:
                 samples = itertools.islice(samples, part, None, parts)
             if self.shuffle and self.shuffle_buffer > 1:  # per cycle: no sample of the next cycle comes out early
@@ -576,6 +630,7 @@ def build_train_loader(
         resampled=resampled,
         shuffle=True,
         shuffle_buffer=cfg.shuffle_buffer,
+        keys=subset_keys(shards),
     )
     steps = steps_per_epoch(dataclasses.replace(cfg, train_shards=shards), world_size) if resampled else None
     return VideoLoader(stream, num_workers=cfg.num_workers, steps=steps, epoch=epoch, with_keys=with_keys)
@@ -624,5 +679,6 @@ def build_eval_loader(
         resampled=False,
         shuffle=False,
         shuffle_buffer=0,
+        keys=subset_keys(shards),
     )
     return VideoLoader(stream, num_workers=cfg.num_workers, steps=None, epoch=0, with_keys=with_keys)
