@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from i2v.config import ConfigError
+
 _logger = logging.getLogger(__name__)
 
 
@@ -75,7 +77,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         items = packing.kinetics_items(args.kinetics_csv, args.root or args.kinetics_csv.parent)
     else:
         if not args.ssv2_labels:
-            raise SystemExit("i2v data pack: --ssv2-json needs --ssv2-labels")
+            raise ConfigError("--ssv2-json needs --ssv2-labels (something-something-v2-labels.json)")
         items, names = packing.ssv2_items(args.ssv2_json, args.ssv2_labels, args.root or args.ssv2_json.parent)
         labels = labels or names
     reencode_to = {"short_side": args.short_side, "fps": args.fps} if args.reencode else None
