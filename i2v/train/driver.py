@@ -109,9 +109,7 @@ def make_trainer(
         run_config=RunConfig(
             name=out.name,
             storage_path=str(out.parent),
-            failure_config=FailureConfig(
-                max_failures=cfg.train.max_failures, controller_failure_limit=start_retries
-            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks) or None,
             # Ray Train's own INFO lines (every report of every rank, worker-group start) only with --verbose

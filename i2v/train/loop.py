@@ -174,9 +174,8 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from i2v.data import build_eval_loader, build_train_loader, steps_per_epoch
-
     from i2v.console import configure
+    from i2v.data import build_eval_loader, build_train_loader, steps_per_epoch
 
     configure(config.get("verbose", False))  # this worker is its own process: console filters apply here too
     cfg = ExperimentCfg.from_dict(config["cfg"])
