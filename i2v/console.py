@@ -15,9 +15,14 @@ NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed", "torch.utils.cpp
 
 def configure(verbose: bool) -> None:
     """Logging and warnings of this process: i2v's INFO lines always, the rest only when `verbose`."""
-    if not logging.getLogger().handlers:  # the CLI; Ray workers already have Ray's handler
+    root = logging.getLogger()
+    if not root.handlers:  # the CLI; Ray workers already have Ray Train's console handler
         logging.basicConfig(format="%(message)s")
     logging.getLogger("i2v").setLevel(logging.INFO)
+    # In a Ray Train worker `print` is patched into root-logger INFO records (DeepSpeed's "op built successfully"), and
+    # Ray logs "Reporting training result ..." of every rank on a logger named by file path, outside `ray.train` (so
+    # RunConfig's LoggingConfig misses it): both are INFO lines that only the root level can hold back.
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     if verbose:
         return
     for name in NOISY_LOGGERS:

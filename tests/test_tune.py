@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -155,13 +154,14 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_resumes(shards, r
 
 
 def test_ctrl_c_writes_what_finished_and_the_rerun_resumes(shards, ray_cluster, tmp_path, capsys):
-    """The sweep runs in a subprocess attached to the test cluster; SIGINT once the first trial has finished."""
+    """The sweep runs in a subprocess attached to the test cluster; Ctrl-C (SIGINT to its process group, as a terminal
+    sends it) once the first of two trials has finished."""
     import ray
 
     out = tmp_path / "sweep"
-    space = write_space(tmp_path, [16, 32, 48], [1e-3])
+    space = write_space(tmp_path, [16, 32], [1e-3])
     argv = [str(ROOT / "configs/smoke.yaml"), "--space", space, "--scheduler", "fifo", "--max-concurrent", "1"]
-    argv += ["--out", str(out), "--set", *settings(shards), "--trial-set", "train.epochs=2"]
+    argv += ["--out", str(out), "--set", *settings(shards), "--trial-set", "train.epochs=1"]
     env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tune.sweep", *argv],
@@ -170,22 +170,24 @@ def test_ctrl_c_writes_what_finished_and_the_rerun_resumes(shards, ray_cluster, 
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("trials/*/summary.json")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        proc.send_signal(signal.SIGINT)
-        log = proc.communicate(timeout=180)[0]
+        log = ""
+        for line in proc.stdout:  # Tune's own line for a finished trial (summary.json comes before Tune knows)
+            log += line
+            if "completed after" in line:
+                break
+        assert proc.poll() is None, log[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        log += proc.communicate(timeout=180)[0]
     finally:
         proc.kill()
     assert proc.returncode == 130, log[-3000:]
     assert "run the same command again to resume" in log
-    status = [r["status"] for r in read_rows(out)]
-    assert status.count("ok") >= 1 and "unfinished" in status and "failed" not in status, status
+    assert sorted(r["status"] for r in read_rows(out)) == ["ok", "unfinished"]
     assert (out / "results.md").is_file() and (out / "best.yaml").is_file()
     capsys.readouterr()
     assert sweep_main(argv) == 0  # attached to the same cluster, in this process
     assert "resuming the interrupted sweep" in capsys.readouterr().out
-    assert [r["status"] for r in read_rows(out)] == ["ok"] * 3
+    assert [r["status"] for r in read_rows(out)] == ["ok"] * 2

@@ -10,14 +10,11 @@ averaging, `ray.train.report` + checkpoint every epoch (and every `train.checkpo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import os
 import random
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -191,8 +188,7 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     steps = steps_per_epoch(cfg.data, world)
-    with contextlib.redirect_stdout(sys.stdout if config.get("verbose") else io.StringIO()):
-        t = Trainer(cfg, device, rank, world, steps)  # DeepSpeed print()s "... built successfully" per op build
+    t = Trainer(cfg, device, rank, world, steps)
     start_epoch, skip_steps = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -232,7 +228,7 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0 and config.get("progress"):
             from tqdm import tqdm
 
-            bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=10, leave=False)
+            bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=10)
         loss_sum = correct = clips = 0.0
         started = time.perf_counter()
         for i, (video, label) in enumerate(loader):
