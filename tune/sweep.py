@@ -170,8 +170,9 @@ def run_sweep(
     scheduler: str = "asha",
     address: str | None = None,
     verbose: bool = False,
-) -> list[dict]:
-    """Runs (or resumes) a sweep; writes and returns the results table (what finished, after a Ctrl-C too)."""
+) -> tuple[list[dict], int]:
+    """Runs (or resumes) a sweep; writes and returns the results table (what finished, after a Ctrl-C too) and the
+    number of trials left to run (0 unless interrupted)."""
     import ray
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -224,10 +225,11 @@ def run_sweep(
     results = tuner.fit()  # Ctrl-C: Tune stops the trials, saves the experiment and returns what it has
     rows = results_table(results, base)
     write_outputs(rows, out, load_config(config, list(overrides)))
-    unfinished = sum(r["status"] == "unfinished" for r in rows)
-    if unfinished:
-        print(f"tune: {unfinished} trials unfinished; run the same command again to resume them", flush=True)
-    return rows
+    # Interrupted: trials stopped mid-run, and grid points Tune had not generated yet (they have no row at all).
+    left = sum(r["status"] == "unfinished" for r in rows) + max(0, plan.trials - len(rows))
+    if left:
+        print(f"tune: {left} of {plan.trials} trials not finished; run the same command again to resume", flush=True)
+    return rows, left
 
 
 def results_table(results, base: ExperimentCfg) -> list[dict]:
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(args.verbose)
     try:
-        rows = run_sweep(
+        _, left = run_sweep(
             args.config,
             args.space,
             out,
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C skips Tune's graceful stop
         print("tune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 130 if any(r["status"] == "unfinished" for r in rows) else 0
+    return 130 if left else 0
 
 
 if __name__ == "__main__":

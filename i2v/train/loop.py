@@ -10,11 +10,14 @@ averaging, `ray.train.report` + checkpoint every epoch (and every `train.checkpo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -188,7 +191,9 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     steps = steps_per_epoch(cfg.data, world)
-    t = Trainer(cfg, device, rank, world, steps)
+    # DeepSpeed print()s "DeepSpeed ... op built successfully" while it sets up (Ray tees print to stdout).
+    with contextlib.redirect_stdout(sys.stdout if config.get("verbose") else io.StringIO()):
+        t = Trainer(cfg, device, rank, world, steps)
     start_epoch, skip_steps = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
