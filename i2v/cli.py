@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from i2v.config import ConfigError, load_config
+from i2v.config import load_config
 from i2v.files import atomic_write
 
 
@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    summary = run_training(cfg, out, address=args.address, progress=not args.no_progress)
+    summary = run_training(cfg, out, address=args.address, progress=not args.no_progress, verbose=args.verbose)
     print(format_summary(summary))
     return 0
 
@@ -102,6 +102,9 @@ def _list_methods(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="i2v", description="Frozen image backbones -> video recognisers.")
+    parser.add_argument(
+        "--verbose", action="store_true", help="all library logs and warnings; tracebacks instead of one-line errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("describe", help="trainable/frozen parameters and inference GFLOPs of a method (no weights)")
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>); an existing one resumes")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="= i2v --verbose train ...")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="multi-view testing of a checkpoint: top-1/top-5/per-class, JSON + confusion PNG")
@@ -162,13 +166,26 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "tune":  # everything after `tune` belongs to tune.sweep
         args.args = [*extra, *args.args]
+    elif hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]  # KEY=VALUE after an option: `i2v train CFG --out DIR k=v`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from i2v.console import configure
+
+    configure(args.verbose)
     try:
         return args.func(args) or 0
-    except ConfigError as e:
-        print(f"i2v: config error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        # Bad user input (ConfigError is a ValueError): one line, argparse's style and exit code. --verbose re-raises,
+        # so a genuine bug that happens to raise one of these still shows its traceback there.
+        if args.verbose:
+            raise
+        print(f"i2v: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import TINY_VIT
+import pytest
+from conftest import ROOT, TINY_VIT, tiny_cfg
 
 from i2v.cli import main
 
@@ -35,3 +36,40 @@ def test_list_methods_and_errors(capsys):
 
 def test_tune_subcommand_is_tune_sweep(capsys):
     assert main(["tune", "--help"]) == 0  # a subprocess running `python -m tune.sweep --help`
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["data", "synth", "--out", "{tmp}/s", "--classes", "a"],
+            "unknown synthetic class 'a'; choose from ['move_right'",
+        ),
+        (["train", "{tmp}/none.yaml"], "none.yaml: config file not found"),
+        (["train", str(ROOT / "configs/smoke.yaml"), "--out", "{tmp}/r", "method.name=nope"], "unknown method 'nope'"),
+        (["eval", "--checkpoint", "{tmp}/none.pt"], "--checkpoint: "),
+        (["export", "--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/m.safetensors"], "--checkpoint: "),
+        (["describe", "--method", "nope"], "method.name: unknown method 'nope'; choose one of"),
+        (["data", "pack", "--ssv2-json", "{tmp}/a.json", "--out", "{tmp}/p"], "--ssv2-json needs --ssv2-labels"),
+    ],
+)
+def test_bad_input_is_one_error_line_with_exit_2(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2  # not SystemExit from argparse: `KEY=VALUE` after --out is an override
+    err = capsys.readouterr().err
+    assert err.startswith("i2v: error: ") and message in err and err.count("\n") == 1, err
+    with pytest.raises((ValueError, FileNotFoundError)):  # --verbose: the traceback, for bug reports
+        main(["--verbose", *argv])
+
+
+def test_quiet_by_default_verbose_on_request(tmp_path):
+    """Ray Train's per-report INFO lines and the workers' warnings filters follow --verbose (workers get the flag)."""
+    from i2v.train.driver import make_trainer
+    from i2v.train.loop import epoch_line
+
+    quiet, loud = (make_trainer(tiny_cfg("side4video"), tmp_path / "r", verbose=v) for v in (False, True))
+    assert quiet.run_config.logging_config.log_level == "WARNING" and not quiet.train_loop_config["verbose"]
+    assert loud.run_config.logging_config.log_level == "INFO" and loud.train_loop_config["verbose"]
+    m = {"epoch": 2, "loss": 0.61234, "train_top1": 0.7, "val_top1": 0.875, "train_clips_per_s": 41.52}
+    line = epoch_line(m | {"peak_mem_mb": 1299.4, "skipped": 0}, epochs=4)
+    assert line == "epoch 2/4  loss 0.6123  train top-1 0.7000  val top-1 0.8750  41.5 clips/s  peak 1299 MB"

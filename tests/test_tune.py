@@ -4,13 +4,19 @@ failing trial, resuming a finished sweep, and re-training the best config with `
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, tiny_cfg
 
 from i2v.cli import main as i2v_main
+from i2v.config import ConfigError
 from tune.spaces import load_space
+from tune.sweep import DRIVER_RESOURCE, count_trials, plan_sweep
 from tune.sweep import main as sweep_main
 
 pytestmark = pytest.mark.timeout(900)
@@ -59,6 +65,48 @@ def test_named_bottleneck_space_follows_the_method():
         load_space("bottleneck", "linear_probe")
 
 
+def test_plan_counts_trials_and_admits_only_what_the_cluster_holds(capsys):
+    assert count_trials(load_space("bottleneck", "side4video"), num_samples=4) == 16  # 4 widths x 4 samples
+    two_cpu_workers = tiny_cfg("side4video", "train.num_workers=2", "train.cpus_per_worker=1")
+    # 2 CPUs: both go to the workers, so the driver needs the custom resource (a local sweep cluster declares it).
+    assert plan_sweep([{"CPU": 2.0, DRIVER_RESOURCE: 1.0}], two_cpu_workers, 16, None).concurrency == 1
+    assert plan_sweep([{"CPU": 5.0}], two_cpu_workers, 16, None).concurrency == 2  # 2 x (2 + 0.01) <= 5
+    assert plan_sweep([{"CPU": 4.0}], two_cpu_workers, 16, None).concurrency == 1  # 2 x 2.01 > 4: no deadlock
+    assert plan_sweep([{"CPU": 64.0}], two_cpu_workers, 3, None).concurrency == 3  # never more than the trials
+    # GPU workers are placed node by node: 3-GPU trials on two 4-GPU nodes fit twice, not 8 // 3 = 2.67 -> 2 by luck.
+    gpu = tiny_cfg("side4video", "train.num_workers=3", "train.cpus_per_worker=2", "train.use_gpu=true")
+    nodes = [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 4.0}, {"CPU": 4.0, DRIVER_RESOURCE: 1.0}]
+    plan = plan_sweep(nodes, gpu, 16, None)
+    assert (plan.concurrency, plan.driver, plan.worker) == (2, {DRIVER_RESOURCE: 0.01}, {"CPU": 2.0, "GPU": 1.0})
+    assert "16 trials, 2 at a time; each trial: 3 workers x (CPU 2, GPU 1)" in plan.describe()
+    # An explicit --max-concurrent above what fits is clamped, with a warning; below, it is kept.
+    assert plan_sweep(nodes, gpu, 16, 8).concurrency == 2
+    assert "--max-concurrent 8 clamped to 2" in capsys.readouterr().err
+    assert plan_sweep(nodes, gpu, 16, 1).concurrency == 1
+    with pytest.raises(ConfigError, match=r"a trial needs 3 workers x \(CPU 2, GPU 1\).*cluster has CPU 4, GPU 2"):
+        plan_sweep([{"CPU": 4.0, "GPU": 2.0}], gpu, 16, None)
+
+
+def test_a_trial_bigger_than_the_cluster_is_refused_before_the_sweep(shards, ray_cluster, tmp_path, capsys):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    space = write_space(tmp_path, [16], [1e-3])
+    argv = [str(ROOT / "configs/smoke.yaml"), "--space", space, "--out", str(tmp_path / "sweep"), "--set"]
+    assert sweep_main([*argv, *settings(shards), f"train.num_workers={cpus + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert f"a trial needs {cpus + 1} workers x (CPU 1)" in err and f"cluster has CPU {cpus}" in err
+    assert "Traceback" not in err and not (tmp_path / "sweep" / "tune").exists()
+
+
+def test_a_relative_out_is_refused_on_a_cluster(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    argv = [str(ROOT / "configs/smoke.yaml"), "--space", "bottleneck", "--out", "runs/sweep"]
+    assert sweep_main(argv) == 2
+    assert "--out: 'runs/sweep' is relative" in capsys.readouterr().err
+    assert sweep_main(argv[:-2]) == 2  # the default --out is relative too
+
+
 def test_asha_sweep_writes_table_best_config_and_plot_and_best_retrains(shards, ray_cluster, tmp_path):
     out = tmp_path / "sweep"
     space = write_space(tmp_path, [16, 32], [1e-3, 3e-3])
@@ -103,3 +151,48 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_resumes(shards, r
     assert sweep_main(argv) == 0
     assert "resuming the interrupted sweep" in capsys.readouterr().out
     assert len(read_rows(out)) == 2
+
+
+def test_ctrl_c_writes_what_finished_and_the_rerun_resumes(shards, ray_cluster, tmp_path, capsys):
+    """The sweep runs in a subprocess attached to the test cluster; Ctrl-C (SIGINT to its process group, as a terminal
+    sends it) once the first of two trials has finished."""
+    import ray
+
+    out = tmp_path / "sweep"
+    space = write_space(tmp_path, [16, 32], [1e-3])
+    argv = [str(ROOT / "configs/smoke.yaml"), "--space", space, "--scheduler", "fifo", "--max-concurrent", "1"]
+    argv += ["--out", str(out), "--set", *settings(shards), "--trial-set", "train.epochs=1"]
+    env = os.environ | {
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tune.sweep", *argv],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        log = ""
+        for line in proc.stdout:  # Tune's own line for a finished trial (summary.json comes before Tune knows)
+            log += line
+            if "completed after" in line:
+                break
+        assert proc.poll() is None, log[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        log += proc.communicate(timeout=180)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, log[-3000:]
+    assert "1 of 2 trials not finished; run the same command again to resume" in log
+    status = [r["status"] for r in read_rows(out)]  # the second trial: stopped mid-run, or not generated yet
+    assert status.count("ok") == 1 and set(status) <= {"ok", "unfinished"}, status
+    assert (out / "results.md").is_file() and (out / "best.yaml").is_file()
+    capsys.readouterr()
+    assert sweep_main(argv) == 0  # attached to the same cluster, in this process
+    assert "resuming the interrupted sweep" in capsys.readouterr().out
+    assert [r["status"] for r in read_rows(out)] == ["ok"] * 2

@@ -17,9 +17,11 @@ import argparse
 import csv
 import io
 import logging
+import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -31,15 +33,108 @@ from tune.spaces import load_space, with_overrides
 _logger = logging.getLogger(__name__)
 
 WIDTH_KEYS = ("method.bottleneck", "method.side_width", "method.width")
+# Trial drivers (one per running trial; they only build the TorchTrainer and relay metrics) need almost nothing, but
+# they must not take a CPU of a GPU node that a worker needs: where a node declares this custom resource (Ray's docs'
+# name; the head node of cluster/ray-cluster.yaml, or `ray start --resources='{"TRAIN_DRIVER_RESOURCE": 1}'`) drivers
+# run there; otherwise each takes 0.01 CPU. A local cluster started by the sweep declares it itself.
+DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"
+DRIVER_SHARE = 0.01
+# A trial whose workers cannot start retries this often (each wait: $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
+# default), then fails with Train's WorkerGroupStartupTimeoutError instead of waiting forever.
+START_RETRIES = 2
 
 
-def trial_fn(params: dict, base: dict, trials_dir: str, cwd: str) -> None:
+@dataclass
+class Plan:
+    """How a sweep fits the cluster: `concurrency` trials at once, each `workers` x `worker` + `driver`."""
+
+    trials: int
+    concurrency: int
+    workers: int
+    worker: dict[str, float]
+    driver: dict[str, float]
+    cluster: dict[str, float]
+
+    def describe(self) -> str:
+        fmt = lambda d: ", ".join(f"{k} {v:g}" for k, v in d.items())  # noqa: E731
+        return (
+            f"{self.trials} trials, {self.concurrency} at a time; each trial: {self.workers} workers x "
+            f"({fmt(self.worker)}) + a driver ({fmt(self.driver)}); cluster: {fmt(self.cluster)}"
+        )
+
+
+def count_trials(param_space: dict, num_samples: int) -> int:
+    """Tune runs every grid point `num_samples` times (random domains are sampled once per trial)."""
+    return num_samples * math.prod(len(v["grid_search"]) for v in param_space.values() if _is_grid(v))
+
+
+def _is_grid(v) -> bool:
+    return isinstance(v, dict) and "grid_search" in v
+
+
+def plan_sweep(nodes: list[dict[str, float]], cfg: ExperimentCfg, trials: int, max_concurrent: int | None) -> Plan:
+    """The concurrency a cluster (`nodes`: each alive node's total resources) can hold without deadlock.
+
+    Trials are admitted only while their workers *and* drivers all fit, placed node by node; a trial that does not fit
+    the empty cluster is refused (ConfigError naming the numbers). `max_concurrent` above what fits is clamped: the
+    extra trials could only wait for workers, time out and fail.
+    """
+    worker = {"CPU": float(cfg.train.cpus_per_worker)} | ({"GPU": 1.0} if cfg.train.use_gpu else {})
+    has_driver_resource = any(n.get(DRIVER_RESOURCE, 0) >= DRIVER_SHARE for n in nodes)
+    driver = {DRIVER_RESOURCE if has_driver_resource else "CPU": DRIVER_SHARE}
+    cluster: dict[str, float] = {}
+    for n in nodes:
+        for k in ("CPU", "GPU", DRIVER_RESOURCE):
+            if n.get(k):
+                cluster[k] = cluster.get(k, 0) + n[k]
+    plan = Plan(trials, 0, cfg.train.num_workers, worker, driver, cluster)
+    while plan.concurrency < trials and _fits(
+        nodes, [worker] * plan.workers * (plan.concurrency + 1), driver, plan.concurrency + 1
+    ):
+        plan.concurrency += 1
+    if plan.concurrency == 0:
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise ConfigError(
+            f"a trial needs {plan.workers} workers x ({', '.join(f'{k} {v:g}' for k, v in worker.items())}) + "
+            f"{DRIVER_SHARE:g} {next(iter(driver))} for its driver, but the cluster has "
+            f"{', '.join(f'{k} {v:g}' for k, v in cluster.items()) or 'nothing'} over {len(nodes)} nodes (largest: "
+            f"CPU {largest.get('CPU', 0):g}, GPU {largest.get('GPU', 0):g}); lower train.num_workers or "
+            "train.cpus_per_worker (--set), or add nodes"
+        )
+    if max_concurrent is not None and max_concurrent > plan.concurrency:
+        print(
+            f"tune: warning: --max-concurrent {max_concurrent} clamped to {plan.concurrency}, what the cluster holds "
+            "(more trials at once would only wait for workers that never start)",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif max_concurrent is not None:
+        plan.concurrency = max_concurrent
+    return plan
+
+
+def _fits(nodes: list[dict[str, float]], bundles: list[dict], driver: dict, drivers: int) -> bool:
+    """Whether the worker bundles, then `drivers` driver bundles, fit the nodes (first fit; units of 1e-4 as Ray)."""
+    free = [{k: round(v * 10_000) for k, v in n.items()} for n in nodes]
+    for bundle in [*bundles, *[driver] * drivers]:
+        need = {k: round(v * 10_000) for k, v in bundle.items()}
+        node = next((f for f in free if all(f.get(k, 0) >= v for k, v in need.items())), None)
+        if node is None:
+            return False
+        for k, v in need.items():
+            node[k] -= v
+    return True
+
+
+def trial_fn(params: dict, base: dict, trials_dir: str, cwd: str, verbose: bool = False) -> None:
     """One Tune trial: validate the trial's config, then train it exactly as `i2v train` would."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from i2v.console import configure
     from i2v.train.driver import make_trainer, summarise, validate
 
+    configure(verbose)
     os.chdir(cwd)  # Tune starts trials in their own directory; relative config paths mean the sweep's cwd
 
     cfg = with_overrides(base, params, source=f"trial {ray.tune.get_context().get_trial_id()}")
@@ -47,7 +142,19 @@ def trial_fn(params: dict, base: dict, trials_dir: str, cwd: str) -> None:
     validate(cfg)
     out = Path(trials_dir) / f"train-{ray.tune.get_context().get_trial_id()}"  # stable across restores
     out.mkdir(parents=True, exist_ok=True)
-    summarise(cfg, out, make_trainer(cfg, out, callbacks=[TuneReportCallback()]).fit())
+    trainer = make_trainer(cfg, out, callbacks=[TuneReportCallback()], verbose=verbose, start_retries=START_RETRIES)
+    summarise(cfg, out, trainer.fit())
+
+
+def check_out(out: str, address: str | None) -> None:
+    """On a cluster, trials run on other nodes and write `--out` there: it must be a path every node shares."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and not Path(out).is_absolute():
+        raise ConfigError(
+            f"--out: {out!r} is relative, but the sweep runs on the Ray cluster at {address}, whose trials write "
+            "their checkpoints and results on other nodes; give an absolute path on storage every node mounts "
+            "(e.g. /mnt/efs/sweeps/NAME)"
+        )
 
 
 def run_sweep(
@@ -58,26 +165,36 @@ def run_sweep(
     overrides: list[str] = (),
     trial_overrides: list[str] = (),
     num_samples: int = 1,
-    max_concurrent: int = 2,
+    max_concurrent: int | None = None,
+    max_failures: int = 1,
     scheduler: str = "asha",
     address: str | None = None,
-) -> list[dict]:
-    """Runs (or resumes) a sweep; writes and returns the results table."""
+    verbose: bool = False,
+) -> tuple[list[dict], int]:
+    """Runs (or resumes) a sweep; writes and returns the results table (what finished, after a Ctrl-C too) and the
+    number of trials left to run (0 unless interrupted)."""
+    import ray
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from i2v.train.driver import init_ray, validate
 
+    check_out(str(out), address)
     base = load_config(config, trial_overrides, defaults=overrides)  # --trial-set may replace a --set key
     params = load_space(space, base.method.name)
     validate(base)  # data and model problems fail here, before any trial
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"tune: sweep directory {out}", flush=True)
-    init_ray(address)
+    init_ray(address, verbose, resources={DRIVER_RESOURCE: 1})  # a local cluster: drivers take no CPU
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    plan = plan_sweep(nodes, base, count_trials(params, num_samples), max_concurrent)
+    print(f"tune: plan: {plan.describe()}; a failed trial restarts {max_failures}x", flush=True)
     trainable = ray.tune.with_resources(  # the trial driver itself needs (almost) nothing; its workers hold CPUs/GPUs
-        ray.tune.with_parameters(trial_fn, base=base.to_dict(), trials_dir=str(out / "trials"), cwd=os.getcwd()),
-        {"cpu": 0.01},
+        ray.tune.with_parameters(
+            trial_fn, base=base.to_dict(), trials_dir=str(out / "trials"), cwd=os.getcwd(), verbose=verbose
+        ),
+        plan.driver,
     )
     if ray.tune.Tuner.can_restore(str(out / "tune")):
         print("tune: resuming the interrupted sweep", flush=True)
@@ -95,17 +212,24 @@ def run_sweep(
                 metric="val_top1",
                 mode="max",
                 num_samples=num_samples,
-                max_concurrent_trials=max_concurrent,
+                max_concurrent_trials=plan.concurrency,
                 scheduler=sched,
             ),
             run_config=ray.tune.RunConfig(
-                name="tune", storage_path=str(out), failure_config=ray.tune.FailureConfig(max_failures=0)
+                name="tune",
+                storage_path=str(out),
+                # A trial whose driver or node died restarts; its Train run resumes from its own checkpoints.
+                failure_config=ray.tune.FailureConfig(max_failures=max_failures),
             ),
         )
-    results = tuner.fit()
+    results = tuner.fit()  # Ctrl-C: Tune stops the trials, saves the experiment and returns what it has
     rows = results_table(results, base)
     write_outputs(rows, out, load_config(config, list(overrides)))
-    return rows
+    # Interrupted: trials stopped mid-run, and grid points Tune had not generated yet (they have no row at all).
+    left = sum(r["status"] == "unfinished" for r in rows) + max(0, plan.trials - len(rows))
+    if left:
+        print(f"tune: {left} of {plan.trials} trials not finished; run the same command again to resume", flush=True)
+    return rows, left
 
 
 def results_table(results, base: ExperimentCfg) -> list[dict]:
@@ -126,7 +250,7 @@ def results_table(results, base: ExperimentCfg) -> list[dict]:
         rows.append(
             {
                 "trial": _trial_id(r.path),
-                "status": "failed" if r.error else "ok",
+                "status": "failed" if r.error else "ok" if (r.metrics or {}).get("done") else "unfinished",
                 **params,
                 "best_val_top1": float(df["val_top1"].max()) if has else None,
                 "epochs": int(df["epoch"].max()) if has else 0,
@@ -226,17 +350,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--space", required=True, help="a named space in tune/spaces/ (e.g. bottleneck) or a YAML path")
-    p.add_argument("--num-samples", type=int, default=1, help="samples of the space (grid values multiply)")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (GPUs // workers per trial)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the space (each grid point runs this often)")
+    p.add_argument(
+        "--max-concurrent", type=int, default=None, help="trials at once (default and maximum: what the cluster holds)"
+    )
+    p.add_argument("--max-failures", type=int, default=1, help="restarts of a failed trial (a lost node or driver)")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<config>-<space>); reused: resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for trials and best.yaml")
     p.add_argument("--trial-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for trials only")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--verbose", action="store_true", help="Ray's and the libraries' logs; tracebacks on bad input")
     args = p.parse_args(argv)
+    if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1) or args.max_failures < 0:
+        p.error("--num-samples and --max-concurrent must be >= 1, --max-failures >= 0")
     out = args.out or f"runs/sweep-{Path(args.config).stem}-{Path(args.space).stem}"
+    from i2v.console import configure
+
+    configure(args.verbose)
     try:
-        run_sweep(
+        _, left = run_sweep(
             args.config,
             args.space,
             out,
@@ -244,13 +377,20 @@ def main(argv: list[str] | None = None) -> int:
             trial_overrides=args.trial_set,
             num_samples=args.num_samples,
             max_concurrent=args.max_concurrent,
+            max_failures=args.max_failures,
             scheduler=args.scheduler,
             address=args.address,
+            verbose=args.verbose,
         )
-    except ConfigError as e:
-        print(f"tune: config error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # bad input (ConfigError is a ValueError): one line, exit 2
+        if args.verbose:
+            raise
+        print(f"tune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # a second Ctrl-C skips Tune's graceful stop
+        print("tune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 130 if left else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from i2v.config import ConfigError
 from i2v.data.subset import PERCENT_RULES  # stdlib only
 
 _logger = logging.getLogger(__name__)
@@ -102,9 +103,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
         items = packing.kinetics_items(args.kinetics_csv, args.root or args.kinetics_csv.parent)
     elif args.ucf101 or args.hmdb51:
         if not args.part:
-            raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --part train or --part test")
+            raise ConfigError("--ucf101 / --hmdb51 need --part train or --part test")
         if not args.root:
-            raise SystemExit("i2v data pack: --ucf101 / --hmdb51 need --root (the folder of per-class video folders)")
+            raise ConfigError("--ucf101 / --hmdb51 need --root (the folder of per-class video folders)")
         read = packing.ucf101_items if args.ucf101 else packing.hmdb51_items
         items, names = read(args.ucf101 or args.hmdb51, args.root, args.split, args.part)
         labels = labels or names
@@ -113,12 +114,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
         labels = labels or names
     elif args.ssv1_csv:
         if not args.ssv1_labels:
-            raise SystemExit("i2v data pack: --ssv1-csv needs --ssv1-labels")
+            raise ConfigError("--ssv1-csv needs --ssv1-labels")
         items, names = packing.ssv1_items(args.ssv1_csv, args.ssv1_labels, args.root or args.ssv1_csv.parent)
         labels = labels or names
     else:
         if not args.ssv2_labels:
-            raise SystemExit("i2v data pack: --ssv2-json needs --ssv2-labels")
+            raise ConfigError("--ssv2-json needs --ssv2-labels (something-something-v2-labels.json)")
         items, names = packing.ssv2_items(args.ssv2_json, args.ssv2_labels, args.root or args.ssv2_json.parent)
         labels = labels or names
     reencode_to = {"short_side": args.short_side, "fps": args.fps} if args.reencode else None

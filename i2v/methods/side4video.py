@@ -42,6 +42,9 @@ class SideBlock(nn.Module):
             nn.Conv3d(d, d, (kernel_t, 1, 1), padding=(kernel_t // 2, 0, 0), groups=d),
             nn.Conv3d(d, d, 1),
         )
+        # to_video_grid's permute yields channels-last activations, and the convs' weight grads come out channels-last;
+        # weights kept in that layout avoid DDP's "grad strides do not match bucket view strides" copies.
+        self.temporal.to(memory_format=torch.channels_last_3d)
         self.ln_attn = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.bn_mlp = nn.BatchNorm3d(d)

@@ -57,30 +57,46 @@ def validate(cfg: ExperimentCfg) -> None:
             )
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, verbose: bool = False, resources: dict | None = None) -> None:
+    """Attaches to `address` ($RAY_ADDRESS), else starts a private local cluster declaring custom `resources`."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {} if verbose else {"logging_level": logging.WARNING}  # no "Started a local Ray instance" banner
     if address:  # an existing cluster (`ray job submit` sets RAY_ADDRESS): its runtime env and resources as they are
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:  # a new local single-node cluster for this run (never a stray one); workers inherit this environment
-        ray.init(address="local")
+        # No node can be preempted here; Train's preemption watcher would only log a core-worker error per run.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(address="local", resources=resources, **quiet)
 
 
-def make_trainer(cfg: ExperimentCfg, out: Path, progress: bool = False, callbacks: list | tuple = ()):
+def make_trainer(
+    cfg: ExperimentCfg,
+    out: Path,
+    progress: bool = False,
+    callbacks: list | tuple = (),
+    verbose: bool = False,
+    start_retries: int = -1,
+):
     """The `TorchTrainer` of one run: Ray Train names the run after `out` and stores it in `out.parent`, so the same
-    `out` resumes it. Used by `run_training` and by Tune trials (which add `TuneReportCallback`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    `out` resumes it. Used by `run_training` and by Tune trials (which add `TuneReportCallback`).
+
+    `start_retries`: how often a worker group that could not start (`WorkerGroupStartupTimeoutError`, after
+    $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s) is retried before the run fails; -1: forever (a cluster
+    that autoscales may take minutes to add nodes)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from i2v.train.loop import train_fn_per_worker
 
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    loop_config = {"cfg": cfg.to_dict(), "run_dir": str(out), "cwd": os.getcwd(), "progress": progress}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(out), "cwd": os.getcwd(), "progress": progress},
+        train_loop_config=loop_config | {"verbose": verbose},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
@@ -88,9 +104,11 @@ def make_trainer(cfg: ExperimentCfg, out: Path, progress: bool = False, callback
         run_config=RunConfig(
             name=out.name,
             storage_path=str(out.parent),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks) or None,
+            # Ray Train's own INFO lines (every report of every rank, worker-group start) only with --verbose
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
 
@@ -121,14 +139,16 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
     return summary
 
 
-def run_training(cfg: ExperimentCfg, out: str | Path, address: str | None = None, progress: bool = True) -> dict:
+def run_training(
+    cfg: ExperimentCfg, out: str | Path, address: str | None = None, progress: bool = True, verbose: bool = False
+) -> dict:
     """Trains `cfg` with Ray Train; returns (and writes to `out/summary.json`) the final figures."""
     validate(cfg)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"i2v: run directory {out}", flush=True)
-    init_ray(address)
-    return summarise(cfg, out, make_trainer(cfg, out, progress).fit())
+    init_ray(address, verbose)
+    return summarise(cfg, out, make_trainer(cfg, out, progress, verbose=verbose).fit())
 
 
 def format_summary(summary: dict) -> str:

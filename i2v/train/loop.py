@@ -10,11 +10,14 @@ averaging, `ray.train.report` + checkpoint every epoch (and every `train.checkpo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -173,8 +176,10 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from i2v.console import configure
     from i2v.data import build_eval_loader, build_train_loader, normalize, steps_per_epoch
 
+    configure(config.get("verbose", False))  # this worker is its own process: console filters apply here too
     cfg = ExperimentCfg.from_dict(config["cfg"])
     run_dir = Path(config["run_dir"])
     if Path(config.get("cwd", "")).is_dir():  # relative paths in the config mean what they meant to the driver
@@ -188,7 +193,9 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     steps = steps_per_epoch(cfg.data, world)
-    t = Trainer(cfg, device, rank, world, steps)
+    # DeepSpeed print()s "DeepSpeed ... op built successfully" while it sets up (Ray tees print to stdout).
+    with contextlib.redirect_stdout(sys.stdout if config.get("verbose") else io.StringIO()):
+        t = Trainer(cfg, device, rank, world, steps)
     start_epoch, skip_steps = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -224,7 +231,7 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0 and config.get("progress"):
             from tqdm import tqdm
 
-            bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=10, leave=False)
+            bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=10)
         loss_sum = correct = clips = 0.0
         started = time.perf_counter()
         for i, (video, label) in enumerate(loader):
@@ -243,7 +250,7 @@ def train_fn_per_worker(config: dict) -> None:
             clips += len(label)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redraw every mininterval, not every step
             if (
                 cfg.train.checkpoint_every
                 and boundary
@@ -277,10 +284,19 @@ def train_fn_per_worker(config: dict) -> None:
                 if isinstance(v, (int, float)):
                     writer.add_scalar(k, v, t.step)
             writer.flush()
-            _logger.info("epoch %d: %s", epoch + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            _logger.info("%s", epoch_line(metrics, cfg.train.epochs))
         _report(t, metrics, epoch + 1, run_dir)
     if writer is not None:
         writer.close()
+
+
+def epoch_line(m: dict, epochs: int) -> str:
+    """The one console line of an epoch, e.g. `epoch 2/4  loss 0.612  train top-1 0.703  val top-1 0.875 ...`."""
+    line = f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  train top-1 {m['train_top1']:.4f}"
+    if "val_top1" in m:
+        line += f"  val top-1 {m['val_top1']:.4f}"
+    line += f"  {m['train_clips_per_s']:.1f} clips/s  peak {m['peak_mem_mb']:.0f} MB"
+    return line + (f"  skipped {m['skipped']}" if m["skipped"] else "")
 
 
 def _report(t: Trainer, metrics: dict, epoch: int, run_dir: Path) -> None:
