@@ -28,7 +28,7 @@ def src(tmp_path_factory) -> Path:
 
 
 def subset(src: Path, out: Path, *args: str) -> dict:
-    assert main(["data", "subset", str(src), *args, "--out", str(out)]) == 0
+    assert main(["--verbose", "data", "subset", str(src), *args, "--out", str(out)]) == 0  # errors raise
     return json.loads((out / "index.json").read_text())
 
 
