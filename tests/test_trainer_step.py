@@ -3,6 +3,7 @@ ZeRO-3 recipe A (side network beside an optimizer-less engine) and recipe B (one
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import socket
@@ -68,6 +69,15 @@ def _data(rank: int, n: int, views: int | None = None) -> list[tuple[torch.Tenso
         (torch.randn(shape, generator=g) * (1 + 2 * rank) + rank, torch.randint(0, 5, (B,), generator=g))
         for _ in range(n)
     ]
+
+
+def _val_data(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the validation set, 2 views per clip: uint8 clips where evaluation normalises them on the
+    device (`evaluate(..., mean, std)`), the model's float input before that."""
+    batches = _data(10 + rank, 2, views=2)
+    if "mean" in inspect.signature(evaluate).parameters:
+        batches = [((v.clamp(-3, 3) * 40 + 128).to(torch.uint8), y) for v, y in batches]
+    return batches
 
 
 def _windows() -> list[tuple[bool, int]]:
@@ -143,7 +153,7 @@ def _worker(rank: int, port: int, tmp: str, out: dict) -> None:
     t.train_step = lambda *a: (train_step(*a), counts.append(len(reduces)))[0]
     res["ddp_steps"] = _run_epoch(t, rank)
     res["ddp_reduces"] = counts
-    res["ddp_eval"] = t.evaluate(_data(10 + rank, 2, views=2))
+    res["ddp_eval"] = t.evaluate(_val_data(rank))
     res["ddp_buffers"] = {n: b.clone() for n, b in t.model.named_buffers() if not n.startswith("backbone.")}
     ckpt.save(t, Path(tmp), epoch=1)
 
@@ -160,7 +170,7 @@ def _worker(rank: int, port: int, tmp: str, out: dict) -> None:
     # ZeRO-3 recipe A: Side4Video beside an optimizer-less engine, its side network in DDP.
     t = Trainer(tiny_cfg("side4video", *common, "backbone.partition=zero3"), cpu, rank, WORLD, STEPS)
     _run_epoch(t, rank)
-    res["zero3_eval"] = t.evaluate(_data(10 + rank, 2, views=2))
+    res["zero3_eval"] = t.evaluate(_val_data(rank))
     res["zero3_buffers"] = {n: b.clone() for n, b in t.model.named_buffers() if not n.startswith("backbone.")}
 
     # ZeRO-3 recipe B: one joint DeepSpeed engine (ST-Adapter): accumulation over a short last window.
@@ -239,13 +249,11 @@ def test_every_rank_evaluates_the_buffers_that_are_checkpointed(two_ranks, path)
         assert torch.equal(buffers[0][n], buffers[1][n]), n  # the ranks trained on different data
     assert out[0][f"{path}_eval"] == out[1][f"{path}_eval"]
     if path == "ddp":  # the checkpointed model, evaluated alone on every rank's share, gives the same metrics
-        from i2v.eval import load_trained
-
-        model, _ = load_trained(tmp)
         state = torch.load(tmp / ckpt.STATE, weights_only=False)["model"]
         assert all(torch.equal(state[n], b) for n, b in buffers[0].items())
-        alone = evaluate(model, [b for r in range(WORLD) for b in _data(10 + r, 2, views=2)], 5, torch.device("cpu"))
-        assert alone == out[0]["ddp_eval"]
+        alone = Trainer(tiny_cfg("side4video", *_common(tmp)), torch.device("cpu"), 0, 1, STEPS)
+        alone.model.load_trainable_state_dict(state)
+        assert alone.evaluate([b for r in range(WORLD) for b in _val_data(r)]) == out[0]["ddp_eval"]
 
 
 def test_each_rank_restores_its_own_rng_state(two_ranks):
@@ -254,3 +262,27 @@ def test_each_rank_restores_its_own_rng_state(two_ranks):
     for rank in range(WORLD):
         assert out[rank]["rng_restored"] == out[rank]["rng_expected"]
     assert sorted(p.name for p in (tmp / "rng_test" / "rng").iterdir()) == ["rank_000.pt", "rank_001.pt"]
+
+
+def test_sync_bn_converts_the_side_networks_batchnorm_with_the_same_checkpoint_keys():
+    plain = Trainer(tiny_cfg("side4video"), torch.device("cpu"), 0, 1, STEPS)
+    synced = Trainer(tiny_cfg("side4video", "method.sync_bn=true"), torch.device("cpu"), 0, 1, STEPS)
+    bn = [m for m in plain.model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    sync = [m for m in synced.model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert bn and len(sync) == len(bn) and not any(type(m) is torch.nn.BatchNorm3d for m in synced.model.modules())
+    a, b = plain.model.trainable_state_dict(), synced.model.trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # a SyncBatchNorm checkpoint loads as BN
+    video = torch.randn(2, 4, 3, 32, 32)
+    plain.model.eval(), synced.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(synced.model(video), plain.model(video))
+
+
+def test_sync_bn_is_a_config_error_on_cpu_workers_and_on_methods_without_batchnorm(tmp_path):
+    from i2v.config import ConfigError
+    from i2v.train.driver import validate
+
+    with pytest.raises(ConfigError, match=r"method.sync_bn: true needs GPU workers \(train.use_gpu: true\)"):
+        validate(tiny_cfg("side4video", "method.sync_bn=true", f"data.train_shards={tmp_path}/x.tar"))
+    with pytest.raises(ConfigError, match="method.sync_bn: unknown key"):
+        tiny_cfg("st_adapter", "method.sync_bn=true")

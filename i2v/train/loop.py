@@ -317,9 +317,8 @@ def _report(t: Trainer, metrics: dict, epoch: int, run_dir: Path) -> None:
 
     t.sync_buffers()  # the checkpoint holds rank 0's buffers: every rank goes on with those
     with tempfile.TemporaryDirectory(dir=os.environ.get("I2V_TMPDIR")) as d:
-        ckpt.save(t, Path(d), epoch=epoch)
-        has_files = any(Path(d).iterdir())  # every rank writes its RNG state (Ray merges the ranks' files)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+        ckpt.save(t, Path(d), epoch=epoch)  # every rank writes files (its RNG state): Ray merges them into one
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def write_eval_details(run_dir: Path, metrics: dict, details: dict) -> None:
