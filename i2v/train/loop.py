@@ -157,8 +157,9 @@ class Trainer:
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers outside the frozen backbone (BatchNorm statistics) on every rank. DDP broadcasts buffers
-        only at the start of a forward, so after a training step each rank holds statistics of its own data; this
-        runs before evaluation and checkpointing, so every rank evaluates the model that is saved."""
+        only at the start of a forward, so after a training step each rank holds statistics of its own data (and a
+        joint DeepSpeed engine never broadcasts buffers); this runs before evaluation and checkpointing, so every rank
+        evaluates the model that is saved."""
         if self.world > 1:
             for name, buf in self.model.named_buffers():
                 if not name.startswith("backbone."):
