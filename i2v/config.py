@@ -118,6 +118,10 @@ class Side4VideoCfg(MethodCfg):
     kernel_t: int = 3
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
+    # SyncBatchNorm in the side network: batch statistics over all ranks, for small per-GPU batches (EVA02-E-14 at
+    # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). Side4Video is the only
+    # method with BatchNorm, so the other methods have no such key.
+    sync_bn: bool = False
 
 
 @dataclass

@@ -94,6 +94,35 @@ def test_resume_by_name_after_a_failed_run_is_bit_identical(uninterrupted, shard
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_mid_epoch_resume_restores_each_ranks_rng_and_reports_scalars_only(shards, ray_cluster, tmp_path):
+    """A worker dies mid-epoch, after the step-2 checkpoint; Ray restarts both ranks from it. Every rank's RNG state
+    travels in that checkpoint (Ray merges the ranks' files), and reports carry no per-class lists."""
+    from i2v.train.driver import make_trainer, summarise
+
+    out = tmp_path / "mid_epoch"
+    out.mkdir()
+    overrides = ("train.epochs=1", "train.checkpoint_every=2", "train.fail_at_step=3", "train.max_failures=1")
+    cfg = smoke(shards, "st_adapter", *overrides, "train.keep_checkpoints=3")
+    result = make_trainer(cfg, out).fit()
+    summary = summarise(cfg, out, result)
+    assert (out / "fault_injected").exists() and summary["steps"] == 4
+
+    assert all(isinstance(v, (int, float, str)) for v in result.metrics.values()), result.metrics
+    details = json.loads((out / "eval" / "epoch_001.json").read_text())
+    assert details == json.loads((out / "eval" / "latest.json").read_text())
+    assert len(details["confusion"]) == 2 and sum(map(sum, details["confusion"])) == details["val_clips"] == 16
+    assert summary["val_per_class"] == details["val_per_class"] and len(details["val_per_class"]) == 2
+
+    # The mid-epoch checkpoint the run resumed from, and the end of the epoch (a restart from scratch would have
+    # written a second step-2 checkpoint).
+    checkpoints = sorted(d for d in out.glob("checkpoint_*") if d.is_dir())
+    assert [torch.load(d / "state.pt", weights_only=False)["step"] for d in checkpoints] == [2, 4]
+    for d in checkpoints:
+        rng = [torch.load(d / "rng" / f"rank_{r:03d}.pt", weights_only=False) for r in range(2)]
+        assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+        assert rng[0]["python"] != rng[1]["python"]
+
+
 @pytest.mark.parametrize("method", ["st_adapter", "linear_probe"])
 def test_other_methods_train_by_a_one_word_override(method, shards, ray_cluster, tmp_path):
     summary = run_training(smoke(shards, method, "train.epochs=1"), tmp_path / method, progress=False)

@@ -3,7 +3,9 @@ RNG and the config. The frozen backbone is never saved (it comes from `backbone.
 
 Layout of a checkpoint directory:
     state.pt         rank 0: {"model": trainable_state_dict, "optimizer", "scheduler", "epoch", "step",
-                     "step_in_epoch", "rng", "cfg"} (optimizer/scheduler absent under a joint ZeRO-3 engine)
+                     "step_in_epoch", "cfg"} (optimizer/scheduler absent under a joint ZeRO-3 engine)
+    rng/rank_NNN.pt  every rank: its own python/numpy/torch (and CUDA) RNG states, restored by the same rank; each
+                     rank reports its own files and Ray merges them into one checkpoint directory
     engine/          joint ZeRO-3 engine only: DeepSpeed's per-rank shards of trainable weights + optimizer state
 Files are written under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
 """
@@ -28,13 +30,22 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rng_path(directory: Path, rank: int) -> Path:
+    return directory / "rng" / f"rank_{rank:03d}.pt"
 
 
 def _rank() -> int:
@@ -48,7 +59,6 @@ def save(t, directory: Path, epoch: int) -> None:
         "step": t.step,
         "step_in_epoch": t.step_in_epoch,
         "schedule": schedule_of(t),
-        "rng": rng_state(),
         "cfg": t.cfg.to_dict(),
     }
     if t.engine is not None:
@@ -68,6 +78,8 @@ def save(t, directory: Path, epoch: int) -> None:
         state["scheduler"] = t.scheduler.state_dict()
     if _rank() == 0:
         atomic_save(state | {"model": model}, directory / STATE)
+    rng_path(directory, _rank()).parent.mkdir(exist_ok=True)
+    atomic_save(rng_state(), rng_path(directory, _rank()))
 
 
 def schedule_of(t) -> dict:
@@ -76,7 +88,7 @@ def schedule_of(t) -> dict:
 
 
 def load(t, directory: Path) -> dict:
-    state = torch.load(directory / STATE, map_location="cpu", weights_only=False)  # holds numpy RNG state
+    state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
     if state.get("schedule", schedule_of(t)) != schedule_of(t):
         raise ValueError(
             f"{directory}: this run was trained with {state['schedule']}, the config now gives {schedule_of(t)} "
@@ -99,7 +111,10 @@ def load(t, directory: Path) -> dict:
         t.model.load_trainable_state_dict(state["model"])
         t.optimizer.load_state_dict(state["optimizer"])
         t.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rng = rng_path(directory, _rank())
+    if not rng.is_file():
+        raise FileNotFoundError(f"{directory}: no RNG state for rank {_rank()} ({rng.relative_to(directory)})")
+    set_rng_state(torch.load(rng, weights_only=False))  # holds numpy RNG state
     return state
 
 

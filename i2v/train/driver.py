@@ -29,6 +29,10 @@ def validate(cfg: ExperimentCfg) -> None:
         raise ConfigError(f"train.num_workers: {cfg.train.num_workers} must be >= 1")
     if cfg.train.accum_steps < 1:
         raise ConfigError(f"train.accum_steps: {cfg.train.accum_steps} must be >= 1")
+    if getattr(cfg.method, "sync_bn", False) and not cfg.train.use_gpu:
+        raise ConfigError(
+            "method.sync_bn: true needs GPU workers (train.use_gpu: true); torch's SyncBatchNorm does not train on CPU"
+        )
     try:
         create_model(cfg, device="meta")
     except (ValueError, KeyError, NotImplementedError, FileNotFoundError) as e:
@@ -120,6 +124,8 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
     from i2v.backbone import resolve_backbone
 
     metrics = dict(result.metrics or {})
+    latest = out / "eval" / "latest.json"  # per-class accuracy is not reported through Ray (scalars only)
+    per_class = json.loads(latest.read_text())["val_per_class"] if latest.is_file() else None
     summary = {k: metrics.get(k) for k in SUMMARY_KEYS} | {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
@@ -127,7 +133,7 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
         # what the tower was built with (a ZeRO-3 worker refuses to run on any dtype but backbone.precision)
         "backbone_resolved": {"precision": cfg.backbone.precision} | resolve_backbone(cfg.backbone, False).summary(),
         "steps": metrics.get("step"),
-        "val_per_class": metrics.get("val_per_class"),
+        "val_per_class": per_class,
         "run_dir": str(out),
     }
     if result.checkpoint is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from i2v.backbone import load_backbone
 from i2v.config import ExperimentCfg
 from i2v.eval import evaluate
+from i2v.files import atomic_write
 from i2v.methods import create_method
 from i2v.train import checkpoint as ckpt
 from i2v.train.optim import build_optimizer, build_scheduler
@@ -83,6 +85,10 @@ class Trainer:
         else:
             backbone = load_backbone(cfg.backbone)
         model = create_method(cfg.method, backbone, num_classes=cfg.data.num_classes, num_frames=cfg.data.frames)
+        if getattr(cfg.method, "sync_bn", False):  # batch statistics over all ranks (same state dict as BatchNorm)
+            for name, child in model.named_children():
+                if name != "backbone":
+                    setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
         self.model = model
         self.engine = None  # joint ZeRO-3 engine (recipe B)
         if self.zero3 and not model.backbone_no_grad:
@@ -124,27 +130,45 @@ class Trainer:
     def train_step(
         self, video: torch.Tensor, label: torch.Tensor, boundary: bool, window: int | None = None
     ) -> tuple[float, float]:
-        """One micro-batch; the optimizer steps at `boundary`. `window`: micro-batches in this accumulation window
-        (the last one of an epoch may be shorter than `train.accum_steps`)."""
-        with self.autocast:
-            logits = self.forward(video)
-            loss = F.cross_entropy(logits.float(), label, label_smoothing=self.cfg.train.label_smoothing)
-        if self.engine is not None:  # DeepSpeed owns accumulation, clipping, the optimizer and the schedule
-            self.engine.set_gradient_accumulation_boundary(boundary)  # our windows, not its own micro-step count
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            (loss / (window or self.cfg.train.accum_steps)).backward()
-            if boundary:
-                if self.cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.train.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        """One micro-batch; the optimizer steps at `boundary` with the gradient of the mean loss over the window.
+        `window`: micro-batches in this accumulation window (the last one of an epoch may be shorter than
+        `train.accum_steps`)."""
+        window = window or self.cfg.train.accum_steps
+        ddp = isinstance(self.forward, torch.nn.parallel.DistributedDataParallel)
+        # DDP all-reduces gradients only at the window's last micro-batch; the others accumulate locally.
+        with self.forward.no_sync() if ddp and not boundary else contextlib.nullcontext():
+            with self.autocast:
+                logits = self.forward(video)
+                loss = F.cross_entropy(logits.float(), label, label_smoothing=self.cfg.train.label_smoothing)
+            if self.engine is not None:  # DeepSpeed owns accumulation, clipping, the optimizer and the schedule
+                self.engine.set_gradient_accumulation_boundary(boundary)  # our windows, not its own micro-step count
+                # Divided by the actual window, not by its gradient_accumulation_steps (a short last window of an
+                # epoch would be under-weighted).
+                self.engine.backward(loss / window, scale_wrt_gas=False)
+                self.engine.step()
+            else:
+                (loss / window).backward()
+        if self.engine is None and boundary:
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.train.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         correct = (logits.argmax(-1) == label).float().sum().item()
         return loss.item(), correct
 
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers outside the frozen backbone (BatchNorm statistics) on every rank. DDP broadcasts buffers
+        only at the start of a forward, so after a training step each rank holds statistics of its own data (and a
+        joint DeepSpeed engine never broadcasts buffers); this runs before evaluation and checkpointing, so every rank
+        evaluates the model that is saved."""
+        if self.world > 1:
+            for name, buf in self.model.named_buffers():
+                if not name.startswith("backbone."):
+                    dist.broadcast(buf, src=0)
+
     def evaluate(self, loader) -> dict:
+        self.sync_buffers()
         self.model.eval()
         metrics = evaluate(
             self.engine if self.engine is not None else self.model,  # not through DDP (no buffer broadcasts)
@@ -277,6 +301,9 @@ def train_fn_per_worker(config: dict) -> None:
         }
         if val_loader is not None:
             metrics.update(t.evaluate(val_loader))
+            details = {k: metrics.pop(k) for k in ("val_per_class", "confusion")}  # reports carry scalars only
+            if rank == 0:
+                write_eval_details(run_dir, metrics, details)
         skip_steps = 0
         t.step_in_epoch = 0
         if writer is not None:
@@ -303,7 +330,17 @@ def _report(t: Trainer, metrics: dict, epoch: int, run_dir: Path) -> None:
     """`ray.train.report` from every rank (it is collective), with a checkpoint of what trains."""
     import ray.train
 
+    t.sync_buffers()  # the checkpoint holds rank 0's buffers: every rank goes on with those
     with tempfile.TemporaryDirectory(dir=os.environ.get("I2V_TMPDIR")) as d:
-        ckpt.save(t, Path(d), epoch=epoch)
-        has_files = any(Path(d).iterdir())  # rank 0 only, except for sharded DeepSpeed checkpoints
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+        ckpt.save(t, Path(d), epoch=epoch)  # every rank writes files (its RNG state): Ray merges them into one
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def write_eval_details(run_dir: Path, metrics: dict, details: dict) -> None:
+    """Per-class accuracy and the confusion matrix of an epoch's validation, as `run_dir/eval/epoch_NNN.json` and
+    `run_dir/eval/latest.json` (too large for `ray.train.report`, which Tune copies into every result file)."""
+    keys = ("epoch", "step", "val_top1", "val_top5", "val_clips")
+    text = json.dumps({k: metrics[k] for k in keys if k in metrics} | details) + "\n"
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "eval" / f"epoch_{metrics['epoch']:03d}.json", text)
+    atomic_write(run_dir / "eval" / "latest.json", text)
