@@ -177,6 +177,16 @@ def test_launcher_yaml_passes_rays_validation_and_runs_py311_in_a_container():
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
 
 
+def test_launcher_head_alone_offers_the_tune_driver_resource():
+    """Sweep trial drivers ask for a sliver of tune.sweep.DRIVER_RESOURCE when a node declares it: only the on-demand
+    head may, so drivers never take a GPU worker's CPU (or die with a spot node)."""
+    from tune.sweep import DRIVER_RESOURCE
+
+    types = launcher_config()["available_node_types"]
+    offering = sorted(name for name, t in types.items() if t.get("resources", {}).get(DRIVER_RESOURCE, 0) > 0)
+    assert offering == ["head"]
+
+
 def test_launcher_rsync_excludes_are_anchored_and_keep_the_code(tmp_path):
     """rsync semantics: a pattern without a leading "/" matches a name at any depth ("data" would also drop
     i2v/data/, code). Each pattern is anchored or says so with "**/"; where rsync is installed, the launcher's own
