@@ -42,7 +42,7 @@ def test_forward_backward(name):
     model.zero_grad()
     model(video()).logsumexp(-1).sum().backward()
     assert [n for n, p in trainable.items() if not p.grad.abs().sum() > 0] == []
-    if name == "side4video":  # grads laid out like their params, or DDP warns "grad strides do not match bucket view"
+    if name != "m_adapter":  # grads laid out like their params, or DDP warns "grad strides do not match bucket view"
         assert [n for n, p in trainable.items() if p.grad.stride() != p.stride()] == []
     if name in FROZEN_BACKBONE:
         # ZeroI2V trains the tower's own ln_post, as the reference does; nothing else of the backbone trains.

@@ -31,6 +31,9 @@ class STAdapter(nn.Module):
             nn.init.zeros_(m.weight)
         for m in (self.fc1, self.conv, self.fc2):
             nn.init.zeros_(m.bias)
+        # to_video_grid yields channels-last activations, so the conv's weight grad comes out channels-last; a weight
+        # in that layout avoids DDP's "grad strides do not match bucket view strides" copy (as in Side4Video).
+        self.conv.to(memory_format=torch.channels_last_3d)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """x: (B*T, 1 + L, D), class token first; the class token bypasses the adapter."""
