@@ -8,4 +8,10 @@ from i2v.layers.temporal import from_video_grid, temporal_shift, to_video_grid
 __all__ = [
     "ConvGLU3d",
     "LocalCorrelation",
-    "LinearAdapter", "STAdapter", "linear_head", "temporal_shift", "to_video_grid", "from_video_grid"]
+    "LinearAdapter",
+    "STAdapter",
+    "linear_head",
+    "temporal_shift",
+    "to_video_grid",
+    "from_video_grid",
+]
