@@ -3,14 +3,16 @@
 What is public: a parallel branch beside the frozen image model, fed by the model's multi-level outputs and built by
 hierarchically combining "multi-level output adapters", each with a fusion module and a temporal module; gradients
 never enter the backbone. No code, widths, tap layers or head are published, so this is i2v's reconstruction
-(design notes in shared/METHODS.md §4; closest public relatives: EVL for the taps and the per-frame query, Side4Video
+(design notes in shared/METHODS.md §4; closest public relatives: EVL for the taps, the per-frame query and the frame-to-frame
+correlation, Side4Video
 for the side state, TransNeXt's ConvGLU for the space-time mixer):
 
     taps at K levels (default every 3rd block, ending at the last); branch state s (B*T, 1+L, d) = [class ; patches]
     for level k = 1..K:
       fusion    s = f_k                 (k = 1)       f_k = Linear(LN(tap_k)): the level's tokens, projected
                 s = s + f_k             (k > 1)
-      temporal  p += ConvGLU3d(LN(p))                 patches: fc1 -> GELU(DWConv3d_(k_t,3,3)(a)) * v -> fc2
+      temporal  p += LocalCorr(LN(p))                 patches: softmax_o(z_t(i) . z_t+1(i+o)), o in a 3x3 window
+                p += ConvGLU3d(LN(p))                 patches: fc1 -> GELU(DWConv3d_(k_t,3,3)(a)) * v -> fc2
                 c += MHA(LN(c), LN(p_t))              each frame's class token attends over that frame's patches
                 c += MHA_T(LN(c + pos_t))             class tokens attend over time
                 p += Linear(LN(c_t))                  each frame's clip-aware class token, broadcast to its patches
@@ -18,15 +20,19 @@ for the side state, TransNeXt's ConvGLU for the space-time mixer):
 
 Why each choice (the first reconstruction could not tell a clip from its time reversal, i2v issue 15):
 - Motion is read from the patch tokens, nonlinearly, before any pooling. A linear space-time filter followed by a
-  global mean is (up to borders) the same filter applied to the mean frame, which forgets the order of frames; the
-  ConvGLU's product GELU(conv(a)) * v is second-order, so its mean over (T, H, W) keeps the direction of motion.
+  global mean is (up to borders) the same filter applied to the mean frame, which forgets the order of frames.
+  The local correlation (EVL's q(t) . k(t+1) temporal cross-attention, restricted to a window) turns "where did
+  this patch's content go" into features, so the direction of motion is explicit; the ConvGLU's product
+  GELU(conv(a)) * v is second-order, so its mean over (T, H, W) keeps order-dependent space-time patterns.
 - The two streams interact both ways at every level: the class token pools its frame's patches by attention
   (content-dependent, so the position of what moves reaches the temporal attention), and the class tokens, after
-  attending over time, are broadcast back into the patches that the next level's ConvGLU filters.
+  attending over time, are broadcast back into the patches that the next level's modules process.
 - Levels are combined hierarchically by addition: each level's fusion feeds the state that the previous levels'
   temporal modules produced, and the last state is pooled. All pre-norm residual; no gates and no zero-initialised
-  projections (PyTorch's default initialisation everywhere, `pos_t` starts at zero), so every parameter of every level
-  receives a gradient from the first step (tested). A zero gate on a zero-initialised projection receives none.
+  projections, so every parameter of every level receives a gradient from the first step (tested; a zero gate on a
+  zero-initialised projection receives none). The correlation and ConvGLU layers start with unit-variance weights
+  (`lecun_normal_`): with PyTorch's default init the softmax starts flat and the gated product nearly linear, and
+  learning stalled for the first epochs. `pos_t` starts at zero (it still receives a gradient).
 - Memory: the backbone runs under `no_grad` (nothing of it is kept for backward); each level keeps its LayerNorm'd tap
   and a few (B*T, L, d) tensors of its own, so the branch stays far below in-block adapters (`i2v bench train`).
 """
