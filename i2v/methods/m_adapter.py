@@ -3,9 +3,8 @@
 What is public: a parallel branch beside the frozen image model, fed by the model's multi-level outputs and built by
 hierarchically combining "multi-level output adapters", each with a fusion module and a temporal module; gradients
 never enter the backbone. No code, widths, tap layers or head are published, so this is i2v's reconstruction
-(design notes in shared/METHODS.md §4; closest public relatives: EVL for the taps, the per-frame query and the frame-to-frame
-correlation, Side4Video
-for the side state, TransNeXt's ConvGLU for the space-time mixer):
+(design notes in shared/METHODS.md §4; closest public relatives: EVL for the taps, the per-frame query and the
+frame-to-frame correlation, Side4Video for the side state, TransNeXt's ConvGLU for the space-time mixer):
 
     taps at K levels (default every 3rd block, ending at the last); branch state s (B*T, 1+L, d) = [class ; patches]
     for level k = 1..K:
