@@ -129,10 +129,11 @@ class MAdapterCfg(MethodCfg):
     """M-adapter (Li et al., CVIU 2024) as reconstructed from its abstract: see i2v/methods/m_adapter.py."""
 
     name: Literal["m_adapter"] = "m_adapter"
+    head_dropout: float = 0.0  # no public recipe: Side4Video's (the closest frozen-backbone branch) drop_fc = 0
     width: int = 384  # branch width
     indices: list[int] | int | None = None  # tapped levels; None = every 3rd block ending at the last one
-    kernel_t: int = 3
-    num_heads: int = 6  # temporal attention heads over the per-frame class tokens
+    kernel_t: int = 3  # temporal size of the ConvGLU's depthwise space-time kernel (kernel_t, 3, 3)
+    num_heads: int = 6  # heads of the class-token attentions (over patches, over time) and the local correlation
 
 
 METHOD_CFGS: dict[str, type[MethodCfg]] = {

@@ -2,6 +2,16 @@
 
 from i2v.layers.adapters import LinearAdapter, STAdapter
 from i2v.layers.heads import linear_head
+from i2v.layers.spacetime import ConvGLU3d, LocalCorrelation
 from i2v.layers.temporal import from_video_grid, temporal_shift, to_video_grid
 
-__all__ = ["LinearAdapter", "STAdapter", "linear_head", "temporal_shift", "to_video_grid", "from_video_grid"]
+__all__ = [
+    "ConvGLU3d",
+    "LocalCorrelation",
+    "LinearAdapter",
+    "STAdapter",
+    "linear_head",
+    "temporal_shift",
+    "to_video_grid",
+    "from_video_grid",
+]

@@ -3,15 +3,37 @@
 What is public: a parallel branch beside the frozen image model, fed by the model's multi-level outputs and built by
 hierarchically combining "multi-level output adapters", each with a fusion module and a temporal module; gradients
 never enter the backbone. No code, widths, tap layers or head are published, so this is i2v's reconstruction
-(design notes in shared/METHODS.md §4, closest public relative: EVL):
+(design notes in shared/METHODS.md §4; closest public relatives: EVL for the taps, the per-frame query and the
+frame-to-frame correlation, Side4Video for the side state, TransNeXt's ConvGLU for the space-time mixer):
 
-    taps at K levels (default every 3rd block, ending at the last) -> for level k:
-      fusion:   f_k = Linear(LN(tap_k)) (B*T, 1+L, d);   s = f_1 (k = 1),   s = s + g_k * f_k (k > 1, g_k zero-init)
-      temporal: patches  s_p += PW(DWConv3d_(k_t,3,3)(LN(s_p)))       local space-time motion
-                tokens   s_c += MHA_T(LN(s_c + pos_t))                 class token of each frame attends over time
+    taps at K levels (default every 3rd block, ending at the last); branch state s (B*T, 1+L, d) = [class ; patches]
+    for level k = 1..K:
+      fusion    s = f_k                 (k = 1)       f_k = Linear(LN(tap_k)): the level's tokens, projected
+                s = s + f_k             (k > 1)
+      temporal  p += LocalCorr(LN(p))                 patches: softmax_o(z_t(i) . z_t+1(i+o)), o in a 3x3 window
+                p += ConvGLU3d(LN(p))                 patches: fc1 -> GELU(DWConv3d_(k_t,3,3)(a)) * v -> fc2
+                c += MHA(LN(c), LN(p_t))              each frame's class token attends over that frame's patches
+                c += MHA_T(LN(c + pos_t))             class tokens attend over time
+                p += Linear(LN(c_t))                  each frame's clip-aware class token, broadcast to its patches
     -> LN -> [mean over T of class tokens ; mean over T, L of patches] -> Dropout -> Linear -> (B, K)
 
-The zero-initialised gates make training start from the first level's path and open the others gradually.
+Why each choice (the first reconstruction could not tell a clip from its time reversal, i2v issue 15):
+- Motion is read from the patch tokens, nonlinearly, before any pooling. A linear space-time filter followed by a
+  global mean is (up to borders) the same filter applied to the mean frame, which forgets the order of frames.
+  The local correlation (EVL's q(t) . k(t+1) temporal cross-attention, restricted to a window) turns "where did
+  this patch's content go" into features, so the direction of motion is explicit; the ConvGLU's product
+  GELU(conv(a)) * v is second-order, so its mean over (T, H, W) keeps order-dependent space-time patterns.
+- The two streams interact both ways at every level: the class token pools its frame's patches by attention
+  (content-dependent, so the position of what moves reaches the temporal attention), and the class tokens, after
+  attending over time, are broadcast back into the patches that the next level's modules process.
+- Levels are combined hierarchically by addition: each level's fusion feeds the state that the previous levels'
+  temporal modules produced, and the last state is pooled. All pre-norm residual; no gates and no zero-initialised
+  projections, so every parameter of every level receives a gradient from the first step (tested; a zero gate on a
+  zero-initialised projection receives none). The correlation and ConvGLU layers start with unit-variance weights
+  (`lecun_normal_`): with PyTorch's default init the softmax starts flat and the gated product nearly linear, and
+  learning stalled for the first epochs. `pos_t` starts at zero (it still receives a gradient).
+- Memory: the backbone runs under `no_grad` (nothing of it is kept for backward); each level keeps its LayerNorm'd tap
+  and a few (B*T, L, d) tensors of its own, so the branch stays far below in-block adapters (`i2v bench train`).
 """
 
 from __future__ import annotations
@@ -19,36 +41,54 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from i2v.layers import from_video_grid, linear_head, to_video_grid
+from i2v.layers import ConvGLU3d, LocalCorrelation, linear_head
 from i2v.methods import register_method
 from i2v.methods.base import VideoMethod
 
 
 class MAdapterLevel(nn.Module):
-    """One multi-level output adapter: fusion module + temporal module."""
+    """One multi-level output adapter: fusion module (`fuse`) + temporal module (the rest)."""
 
-    def __init__(self, D: int, d: int, heads: int, grid: tuple[int, int], kernel_t: int, num_frames: int, gated: bool):
+    def __init__(
+        self,
+        D: int,
+        d: int,
+        heads: int,
+        grid: tuple[int, int],
+        kernel_t: int,
+        num_frames: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
-        self.grid = grid
-        self.fuse = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d))
-        self.gate = nn.Parameter(torch.zeros(d)) if gated else None
-        self.ln_conv = nn.LayerNorm(d)
-        self.dwconv = nn.Conv3d(d, d, (kernel_t, 3, 3), padding=(kernel_t // 2, 1, 1), groups=d)
-        self.pw = nn.Linear(d, d)
-        self.pos_t = nn.Parameter(torch.zeros(num_frames, d))
-        self.ln_attn = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        dd = {"device": device, "dtype": dtype}
+        self.fuse = nn.Sequential(nn.LayerNorm(D, **dd), nn.Linear(D, d, **dd))
+        self.ln_corr = nn.LayerNorm(d, **dd)
+        self.corr = LocalCorrelation(d, heads, grid, **dd)
+        self.ln_st = nn.LayerNorm(d, **dd)
+        self.st = ConvGLU3d(d, d, grid, (kernel_t, 3, 3), **dd)
+        self.ln_q, self.ln_kv = nn.LayerNorm(d, **dd), nn.LayerNorm(d, **dd)
+        self.pool = nn.MultiheadAttention(d, heads, batch_first=True, **dd)
+        self.pos_t = nn.Parameter(torch.zeros(num_frames, d, **dd))
+        self.ln_t = nn.LayerNorm(d, **dd)
+        self.attn_t = nn.MultiheadAttention(d, heads, batch_first=True, **dd)
+        self.ln_bcast = nn.LayerNorm(d, **dd)
+        self.bcast = nn.Linear(d, d, **dd)
 
     def forward(self, s: torch.Tensor | None, tap: torch.Tensor, T: int) -> torch.Tensor:
-        """s: (B*T, 1+L, d) branch state or None; tap: (B*T, 1+L, D) backbone tokens of this level."""
+        """s: (B*T, 1+L, d) branch state or None (first level); tap: (B*T, 1+L, D) backbone tokens of this level."""
         f = self.fuse(tap)
-        s = f if s is None else s + self.gate * f
-        cls, p = s[:, :1], s[:, 1:]
-        p = p + self.pw(from_video_grid(self.dwconv(to_video_grid(self.ln_conv(p), T, self.grid))))
-        c = cls.unflatten(0, (-1, T)).squeeze(2) + self.pos_t  # (B, T, d)
-        h = self.ln_attn(c)
-        c = c + self.attn(h, h, h, need_weights=False)[0]
-        return torch.cat([c.flatten(0, 1).unsqueeze(1), p], dim=1)
+        s = f if s is None else s + f
+        c, p = s[:, :1], s[:, 1:]  # (B*T, 1, d), (B*T, L, d)
+        p = p + self.corr(self.ln_corr(p), T)
+        p = p + self.st(self.ln_st(p), T)
+        kv = self.ln_kv(p)
+        c = c + self.pool(self.ln_q(c), kv, kv, need_weights=False)[0]
+        c = c.unflatten(0, (-1, T)).squeeze(2) + self.pos_t  # (B, T, d)
+        h = self.ln_t(c)
+        c = (c + self.attn_t(h, h, h, need_weights=False)[0]).flatten(0, 1).unsqueeze(1)  # (B*T, 1, d)
+        p = p + self.bcast(self.ln_bcast(c))  # broadcast over the L patches of the frame
+        return torch.cat([c, p], dim=1)
 
 
 @register_method("m_adapter")
@@ -63,14 +103,14 @@ class MAdapter(VideoMethod):
         indices = cfg.indices if cfg.indices is not None else list(range(depth - 1, -1, -3))[::-1]
         self.indices = backbone.take_indices(indices)
         self.levels = nn.ModuleList(
-            MAdapterLevel(backbone.width, d, cfg.num_heads, backbone.grid_size, cfg.kernel_t, num_frames, gated=k > 0)
-            for k in range(len(self.indices))
+            MAdapterLevel(backbone.width, d, cfg.num_heads, backbone.grid_size, cfg.kernel_t, num_frames)
+            for _ in self.indices
         )
         self.norm = nn.LayerNorm(d)
         self.head = linear_head(2 * d, num_classes, cfg.head_dropout)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"levels.{k}.{n}" for k in range(len(self.levels)) for n in ("pos_t", "gate")}
+        return {f"levels.{k}.pos_t" for k in range(len(self.levels))}
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         B, T = video.shape[:2]
