@@ -45,6 +45,7 @@ class ConvGLU3d(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, **dd)
         lecun_normal_(self.fc1, self.dwconv, self.fc2)
+        self.dwconv.to(memory_format=torch.channels_last_3d)  # its grad's layout (to_video_grid): no DDP copy
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """x: (B*T, H*W, d) patch tokens -> (B*T, H*W, d)."""
