@@ -15,6 +15,7 @@ Imports only stdlib + yaml: the Ray driver validates configs before any worker (
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,16 +138,60 @@ class DataCfg:
     num_workers: int = 2  # DataLoader workers per training worker
     epoch_clips: int = 0  # clips per epoch over all ranks (resampled mode); 0 = one pass over the shard index
     shuffle_buffer: int = 256
-    flip: bool = True  # off for direction-sensitive label sets (SSv2, the synthetic benchmark)
-    randaugment: bool = False
+    flip: bool = True  # off for direction-sensitive label sets without `flip_label_pairs` (the synthetic benchmark)
+    # timm RandAugment policy, e.g. "rand-m7-n4-mstd0.5-inc1" (the references' S-c); false/null = off
+    randaugment: str | bool | None = None
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     test_clips: int = 1
     test_crops: int = 1
     eval_batch_size: int | None = 0  # videos per evaluation batch per worker (each has V views); 0 or None = batch_size
+    # where RandAugment runs: on the stored frames, after the pre-resize (before the crop), or after the flip
+    randaugment_at: Literal["before_resize", "before_crop", "after_flip"] = "before_crop"
+    # class-name pairs whose labels swap when a training clip is flipped (names as in the shards' labels.json)
+    flip_label_pairs: list[list[str]] = field(default_factory=list)
+    grayscale_p: float = 0.0  # probability of a grayscale clip (training)
+    random_erasing: float = 0.0  # probability of erasing one box, the same on every frame (training)
+    random_erasing_mode: Literal["const", "rand"] = "const"  # fill 128, or uniform random pixels
+    train_resize: list[int] | None = None  # pre-resize before the crop: [short_side] or [height, width]; null = off
+    short_side_jitter: list[int] | None = None  # [lo, hi]: random short side then a random crop, instead of the RRC
+    resize_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # train pre-resize, jitter and test resize
+    crop_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # RandomResizedCrop
+    num_repeats: int = 1  # repeated augmentation: samples per decoded training clip, in the same batch
+    test_resize: list[int] | None = None  # [short_side] or [height, width] before the test crops; null = [size]
+    test_crop_offsets: Literal["long_side", "full_res"] = "long_side"  # 3-crop placement (full_res: Side4Video)
 
     def __post_init__(self):
         if self.eval_batch_size is not None and self.eval_batch_size < 0:
             raise ValueError(f"eval_batch_size: {self.eval_batch_size} must be >= 0 (0 or null: data.batch_size)")
+        if self.randaugment is True:
+            raise ValueError(
+                "randaugment: true is no longer accepted (it ran torchvision's 2 ops at magnitude 9); give a timm "
+                "policy such as 'rand-m7-n4-mstd0.5-inc1', or false/null for off"
+            )
+        self.randaugment = self.randaugment or None
+        if self.randaugment and not re.fullmatch(
+            r"rand(-(m\d+|n\d+|p[\d.]+|mstd[\d.]+|mmax\d+|inc[01]|t\w+))*", self.randaugment
+        ):
+            raise ValueError(
+                f"randaugment: {self.randaugment!r} is not a timm RandAugment policy such as 'rand-m7-n4-mstd0.5-inc1'"
+            )
+        if any(len(pair) != 2 for pair in self.flip_label_pairs):
+            raise ValueError(f"flip_label_pairs: {self.flip_label_pairs} must be a list of [name, name] pairs")
+        for key in ("grayscale_p", "random_erasing"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}: {getattr(self, key)} must be a probability in [0, 1]")
+        for key in ("train_resize", "test_resize"):
+            value = getattr(self, key)
+            if value is not None and (len(value) not in (1, 2) or min(value) < self.size):
+                raise ValueError(f"{key}: {value} must be [short_side] or [height, width], each >= size={self.size}")
+        jitter = self.short_side_jitter
+        if jitter is not None and (len(jitter) != 2 or not self.size <= jitter[0] <= jitter[1]):
+            raise ValueError(f"short_side_jitter: {jitter} must be [lo, hi] with size={self.size} <= lo <= hi")
+        if self.num_repeats < 1 or self.batch_size % self.num_repeats:
+            raise ValueError(
+                f"num_repeats: {self.num_repeats} must be >= 1 and divide batch_size={self.batch_size} "
+                "(a batch holds batch_size clips, num_repeats of each video)"
+            )
 
 
 @dataclass
