@@ -64,6 +64,14 @@ class FullFinetuneCfg(MethodCfg):
     name: Literal["full_finetune"] = "full_finetune"
     head_dropout: float = 0.5
     grad_checkpointing: bool = False
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of L trains at lr * layer_decay ** (L - i); 1 = off
+    drop_path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+
+    def __post_init__(self):
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay: {self.layer_decay} must be in (0, 1]")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path: {self.drop_path} must be in [0, 1)")
 
 
 @dataclass
@@ -200,7 +208,7 @@ class TrainCfg:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (no reference recipe clips)
     accum_steps: int = 1
     label_smoothing: float = 0.0
     seed: int = 0
@@ -211,6 +219,22 @@ class TrainCfg:
     checkpoint_every: int = 0  # also checkpoint every N training steps, at accumulation boundaries (0: per epoch)
     keep_checkpoints: int = 2
     fail_at_step: int = -1  # fault injection: the last worker raises once at this global step (tests, drills)
+    # lr factor per parameter-name glob pattern, first match wins, e.g. {"backbone.*": 0.1} (ZeroI2V L/14)
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    # weight-decay exemptions: null = 1-d params + the method's no_weight_decay(); a list = names matching these globs
+    wd_exempt: list[str] | None = None
+    warmup_start: float = 0.0  # lr factor the linear warm-up starts from (ZeroI2V: 0.1)
+    # cosine: after the warm-up, per iteration; cosine_epoch: over all epochs from 0, per epoch, x warm-up (mmengine)
+    schedule: Literal["cosine", "cosine_epoch"] = "cosine"
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise ValueError(f"warmup_start: {self.warmup_start} must be in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: {self.grad_clip} must be >= 0 (0 = off)")
+        bad = {k: v for k, v in self.lr_mult.items() if v < 0}
+        if bad:
+            raise ValueError(f"lr_mult: {bad} must be factors >= 0")
 
 
 @dataclass
@@ -349,6 +373,10 @@ def _coerce(v: Any, tp: Any, key: str, source: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping {_name(tp)}, got {v!r}")
+        return {_coerce(k, args[0], key, source): _coerce(x, args[1], f"{key}.{k}", source) for k, x in v.items()}
     if origin in (list, tuple):
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")
