@@ -322,3 +322,48 @@ def test_docs_recipes_md_is_up_to_date():
 def test_every_config_names_its_target():
     for path in recipes.EXPERIMENTS.glob("*.yaml"):
         assert {"top1", "gpus", "source"} <= set(recipes.target(path)), path.name
+
+
+# Trainable parameters of the reference Side4Video modules (RECIPES.md section 1; B/16 K400 measured on CPU, the rest
+# computed from the module definitions). The E/14 rows are the EVA variant: post-norm blocks and no post_bn.
+SIDE4VIDEO_PARAMS = {
+    "side4video_vit-b16-openai_1x8xb32-f8_k400": 21_185_232,
+    "side4video_vit-l14-openai_1x8xb32-f8_k400": 102_224_784,
+    "side4video_eva02-e14-laion2b_1x8xb1-f8_k400": 183_504_208,
+    "side4video_vit-b16-openai_1x8xb16-f8_ssv2": 21_112_686,
+    "side4video_vit-l14-openai_1x8xb16-f8_ssv2": 102_108_846,
+    "side4video_eva02-e14-laion2b_1x8xb8-f8_ssv2": 183_373_806,
+}
+
+
+@pytest.mark.parametrize("stem", sorted(SIDE4VIDEO_PARAMS))
+def test_side4video_parameter_counts_match_the_reference(stem):
+    from i2v.methods import create_model
+
+    model = create_model(load_config(recipes.EXPERIMENTS / f"{stem}.yaml"), device="meta")
+    assert sum(p.numel() for p in model.trainable_parameters()) == SIDE4VIDEO_PARAMS[stem]
+
+
+def test_eva_side_block_is_post_norm_and_trains():
+    import torch
+    from conftest import TINY_EVA, tiny_cfg
+
+    from i2v.methods import create_model
+    from i2v.methods.side4video import EVASideBlock, SideBlock
+
+    cfg = tiny_cfg(
+        "side4video", f"backbone.name={TINY_EVA}", "method.tap_order=linear_norm", "method.indices=2", frames=3
+    )
+    model = create_model(cfg)
+    assert all(isinstance(b, EVASideBlock) for b in model.blocks) and isinstance(model.post_bn, torch.nn.Identity)
+    block, clip_block = model.blocks[0], SideBlock(32, 2, model.grid, 3, 4.0, 2)
+    assert sum(p.numel() for p in block.parameters()) == sum(p.numel() for p in clip_block.parameters())
+    # post-norm: with the branch outputs' norms zeroed (gamma = beta = 0) the block is the identity
+    for norm in (block.bn_conv, block.ln_attn, block.bn_mlp):
+        torch.nn.init.zeros_(norm.weight)
+        torch.nn.init.zeros_(norm.bias)
+    s, cls = torch.randn(2 * 3, model.grid[0] * model.grid[1], 32), torch.randn(2 * 3, 1, 32)
+    torch.testing.assert_close(block(s, cls, model.pos, 3), s)
+    video = torch.randn(1, 3, 3, *model.backbone.image_size)
+    model(video).sum().backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
