@@ -278,6 +278,13 @@ EXPECTED = {
     },
     "zeroi2v_vit-b16-openai_1x8xb16-f8_hmdb51": {**Z_SMALL, "data.num_classes": 51},
     "zeroi2v_vit-b16-openai_1x8xb16-f8_ucf101": {**Z_SMALL, "data.num_classes": 101},
+    "zeroi2v_vit-b16-openai_1x8xb16-f32_hmdb51": {
+        **Z_SMALL,
+        "data.frames": 32,
+        "data.num_classes": 51,
+        "data.test_clips": 2,
+    },
+    "zeroi2v_vit-b16-openai_1x8xb16-f32_ucf101": {**Z_SMALL, "data.frames": 32, "data.num_classes": 101},
 }
 NO_REFERENCE = {  # configs without a released reference recipe: their headers say so
     "st_adapter_vit-l14-openai_1x8xb32-f8_k400",
