@@ -25,7 +25,7 @@ def lr_factor(name: str, lr_mult: dict[str, float]) -> float:
 
 
 def param_groups(model: VideoMethod, cfg: TrainCfg) -> list[dict]:
-    """Trainable parameters grouped by (lr factor, weight decay); each group carries its `lr_factor` and `lr`."""
+    """Trainable parameters grouped by (lr factor, weight decay); each group carries its own `lr`."""
     skip = model.no_weight_decay()
     scales = getattr(model, "lr_scales", dict)()  # name -> method-defined factor (layer decay)
     groups: dict[tuple[float, float], list] = {}
@@ -39,7 +39,7 @@ def param_groups(model: VideoMethod, cfg: TrainCfg) -> list[dict]:
         factor = lr_factor(name, cfg.lr_mult) * scales.get(name, 1.0)
         groups.setdefault((factor, 0.0 if exempt else cfg.weight_decay), []).append(p)
     return [
-        {"params": params, "weight_decay": wd, "lr_factor": factor, "lr": cfg.lr * factor}
+        {"params": params, "weight_decay": wd, "lr": cfg.lr * factor}
         for (factor, wd), params in groups.items()
     ]
 
