@@ -182,3 +182,16 @@ def test_train_transform_flip_reports_itself():
     assert flipped and torch.equal(out, ramp.flip(-1))
     spec = ClipSpec(4, "segment", 1, train=True, clips=1, transform=t, flip_labels={0: 1, 1: 0})
     assert spec._augment(ramp, 0)[1] == 1 and spec._augment(ramp, 2)[1] == 2
+
+
+def test_i2v_train_validates_flip_label_names_before_any_worker(tmp_path):
+    from conftest import tiny_cfg
+
+    from i2v.train.driver import validate
+
+    items = [(str(write_video(tmp_path / f"v{i}.mp4", t=8)), f"c{i}") for i in range(2)]
+    pattern = pack(items, tmp_path / "shards", shard_samples=2, workers=1, progress=False)
+    shards = f"data.train_shards={pattern}"
+    validate(tiny_cfg("linear_probe", shards, "data.flip_label_pairs=[[c0, c1]]", num_classes=2))
+    with pytest.raises(ConfigError, match="'Pushing left' is not a class of the label map"):
+        validate(tiny_cfg("linear_probe", shards, "data.flip_label_pairs=[[c0, Pushing left]]", num_classes=2))
