@@ -38,10 +38,7 @@ def param_groups(model: VideoMethod, cfg: TrainCfg) -> list[dict]:
             exempt = any(fnmatchcase(name, pattern) for pattern in cfg.wd_exempt)
         factor = lr_factor(name, cfg.lr_mult) * scales.get(name, 1.0)
         groups.setdefault((factor, 0.0 if exempt else cfg.weight_decay), []).append(p)
-    return [
-        {"params": params, "weight_decay": wd, "lr": cfg.lr * factor}
-        for (factor, wd), params in groups.items()
-    ]
+    return [{"params": params, "weight_decay": wd, "lr": cfg.lr * factor} for (factor, wd), params in groups.items()]
 
 
 def build_optimizer(model: VideoMethod, cfg: TrainCfg) -> torch.optim.AdamW:
