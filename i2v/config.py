@@ -15,6 +15,7 @@ Imports only stdlib + yaml: the Ray driver validates configs before any worker (
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,6 +76,14 @@ class FullFinetuneCfg(MethodCfg):
     name: Literal["full_finetune"] = "full_finetune"
     head_dropout: float = 0.5
     grad_checkpointing: bool = False
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of L trains at lr * layer_decay ** (L - i); 1 = off
+    drop_path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+
+    def __post_init__(self):
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay: {self.layer_decay} must be in (0, 1]")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path: {self.drop_path} must be in [0, 1)")
 
 
 @dataclass
@@ -154,16 +163,60 @@ class DataCfg:
     num_workers: int = 2  # DataLoader workers per training worker
     epoch_clips: int = 0  # clips per epoch over all ranks (resampled mode); 0 = one pass over the shard index
     shuffle_buffer: int = 256
-    flip: bool = True  # off for direction-sensitive label sets (SSv2, the synthetic benchmark)
-    randaugment: bool = False
+    flip: bool = True  # off for direction-sensitive label sets without `flip_label_pairs` (the synthetic benchmark)
+    # timm RandAugment policy, e.g. "rand-m7-n4-mstd0.5-inc1" (the references' S-c); false/null = off
+    randaugment: str | bool | None = None
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     test_clips: int = 1
     test_crops: int = 1
     eval_batch_size: int | None = 0  # videos per evaluation batch per worker (each has V views); 0 or None = batch_size
+    # where RandAugment runs: on the stored frames, after the pre-resize (before the crop), or after the flip
+    randaugment_at: Literal["before_resize", "before_crop", "after_flip"] = "before_crop"
+    # class-name pairs whose labels swap when a training clip is flipped (names as in the shards' labels.json)
+    flip_label_pairs: list[list[str]] = field(default_factory=list)
+    grayscale_p: float = 0.0  # probability of a grayscale clip (training)
+    random_erasing: float = 0.0  # probability of erasing one box, the same on every frame (training)
+    random_erasing_mode: Literal["const", "rand"] = "const"  # fill 128, or uniform random pixels
+    train_resize: list[int] | None = None  # pre-resize before the crop: [short_side] or [height, width]; null = off
+    short_side_jitter: list[int] | None = None  # [lo, hi]: random short side then a random crop, instead of the RRC
+    resize_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # train pre-resize, jitter and test resize
+    crop_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # RandomResizedCrop
+    num_repeats: int = 1  # repeated augmentation: samples per decoded training clip, in the same batch
+    test_resize: list[int] | None = None  # [short_side] or [height, width] before the test crops; null = [size]
+    test_crop_offsets: Literal["long_side", "full_res"] = "long_side"  # 3-crop placement (full_res: Side4Video)
 
     def __post_init__(self):
         if self.eval_batch_size is not None and self.eval_batch_size < 0:
             raise ValueError(f"eval_batch_size: {self.eval_batch_size} must be >= 0 (0 or null: data.batch_size)")
+        if self.randaugment is True:
+            raise ValueError(
+                "randaugment: true is no longer accepted (it ran torchvision's 2 ops at magnitude 9); give a timm "
+                "policy such as 'rand-m7-n4-mstd0.5-inc1', or false/null for off"
+            )
+        self.randaugment = self.randaugment or None
+        if self.randaugment and not re.fullmatch(
+            r"rand(-(m\d+|n\d+|p[\d.]+|mstd[\d.]+|mmax\d+|inc[01]|t\w+))*", self.randaugment
+        ):
+            raise ValueError(
+                f"randaugment: {self.randaugment!r} is not a timm RandAugment policy such as 'rand-m7-n4-mstd0.5-inc1'"
+            )
+        if any(len(pair) != 2 for pair in self.flip_label_pairs):
+            raise ValueError(f"flip_label_pairs: {self.flip_label_pairs} must be a list of [name, name] pairs")
+        for key in ("grayscale_p", "random_erasing"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}: {getattr(self, key)} must be a probability in [0, 1]")
+        for key in ("train_resize", "test_resize"):
+            value = getattr(self, key)
+            if value is not None and (len(value) not in (1, 2) or min(value) < self.size):
+                raise ValueError(f"{key}: {value} must be [short_side] or [height, width], each >= size={self.size}")
+        jitter = self.short_side_jitter
+        if jitter is not None and (len(jitter) != 2 or not self.size <= jitter[0] <= jitter[1]):
+            raise ValueError(f"short_side_jitter: {jitter} must be [lo, hi] with size={self.size} <= lo <= hi")
+        if self.num_repeats < 1 or self.batch_size % self.num_repeats:
+            raise ValueError(
+                f"num_repeats: {self.num_repeats} must be >= 1 and divide batch_size={self.batch_size} "
+                "(a batch holds batch_size clips, num_repeats of each video)"
+            )
 
 
 @dataclass
@@ -172,7 +225,7 @@ class TrainCfg:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (no reference recipe clips)
     accum_steps: int = 1
     label_smoothing: float = 0.0
     seed: int = 0
@@ -183,6 +236,22 @@ class TrainCfg:
     checkpoint_every: int = 0  # also checkpoint every N training steps, at accumulation boundaries (0: per epoch)
     keep_checkpoints: int = 2
     fail_at_step: int = -1  # fault injection: the last worker raises once at this global step (tests, drills)
+    # lr factor per parameter-name glob pattern, first match wins, e.g. {"backbone.*": 0.1} (ZeroI2V L/14)
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    # weight-decay exemptions: null = 1-d params + the method's no_weight_decay(); a list = names matching these globs
+    wd_exempt: list[str] | None = None
+    warmup_start: float = 0.0  # lr factor the linear warm-up starts from (ZeroI2V: 0.1)
+    # cosine: after the warm-up, per iteration; cosine_epoch: over all epochs from 0, per epoch, x warm-up (mmengine)
+    schedule: Literal["cosine", "cosine_epoch"] = "cosine"
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise ValueError(f"warmup_start: {self.warmup_start} must be in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: {self.grad_clip} must be >= 0 (0 = off)")
+        bad = {k: v for k, v in self.lr_mult.items() if v < 0}
+        if bad:
+            raise ValueError(f"lr_mult: {bad} must be factors >= 0")
 
 
 @dataclass
@@ -321,6 +390,10 @@ def _coerce(v: Any, tp: Any, key: str, source: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping {_name(tp)}, got {v!r}")
+        return {_coerce(k, args[0], key, source): _coerce(x, args[1], f"{key}.{k}", source) for k, x in v.items()}
     if origin in (list, tuple):
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"{source}: {key}: expected {_name(tp)}, got {v!r}")

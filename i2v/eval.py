@@ -176,8 +176,7 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) ->
 
 def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[str] = ()) -> list[dict]:
     """`i2v predict`: top-k labels with probabilities for each video file (multi-view as configured)."""
-    from i2v.data.transforms import eval_transform
-    from i2v.data.wds import ClipSpec
+    from i2v.data.wds import ClipSpec, eval_transform_for
     from i2v.train.loop import autocast_for
 
     model, cfg = load_trained(checkpoint, overrides)
@@ -188,7 +187,7 @@ def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[s
         d.stride,
         train=False,
         clips=d.test_clips,
-        transform=eval_transform(d.size, crops=d.test_crops),
+        transform=eval_transform_for(d),
     )
     labels = labels_for(cfg)
     results = []

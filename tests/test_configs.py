@@ -18,7 +18,13 @@ def test_there_is_a_config_per_headline_setting():
         for backbone in ("vit-b16", "vit-l14"):
             for dataset in ("k400", "ssv2"):
                 assert any(n.startswith(f"{method}_{backbone}") and n.endswith(dataset) for n in names)
-    assert any(n.startswith("side4video_eva02-e14") for n in names)
+    for dataset in ("k400", "ssv2", "ssv1"):
+        for backbone in ("vit-b16", "vit-l14", "eva02-e14"):
+            assert any(n.startswith(f"side4video_{backbone}") and n.endswith(dataset) for n in names)
+    for dataset in ("hmdb51", "ucf101"):
+        assert any(n.startswith("zeroi2v_vit-b16") and n.endswith(dataset) for n in names)
+    assert any(n.startswith("zeroi2v_vit-l14") and "-f32_" in n and n.endswith("k400") for n in names)
+    assert any(n.startswith("full_finetune_") for n in names)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS + [ROOT / "configs/smoke.yaml"], ids=lambda p: p.stem)

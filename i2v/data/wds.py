@@ -321,8 +321,9 @@ def _warn_few_shards(what: str, shards: int, world_size: int, num_workers: int) 
 
 
 def steps_per_epoch(cfg: DataCfg, world_size: int = 1) -> int:
-    """Training batches per epoch on every rank: `cfg.epoch_clips` (or the shard index's total) // (ranks x batch)."""
-    clips = cfg.epoch_clips or count_samples(cfg.train_shards)
+    """Training batches per epoch on every rank: `cfg.epoch_clips` (or the shard index's total) x `cfg.num_repeats` //
+    (ranks x batch): an epoch is one pass over the videos, each giving `num_repeats` samples."""
+    clips = (cfg.epoch_clips or count_samples(cfg.train_shards)) * cfg.num_repeats
     return max(1, clips // (world_size * cfg.batch_size))
 
 
@@ -346,6 +347,8 @@ class ClipSpec:
     clips: int  # temporal views (test mode)
     transform: object  # uint8 -> uint8; train: (T,C,H,W) -> (T,C,H,W); eval: (T,C,H,W) -> (crops,T,C,H,W)
     threads: int = 1
+    flip_labels: dict[int, int] = dataclasses.field(default_factory=dict)  # train: label -> label of the mirrored clip
+    repeats: int = 1  # train: independently augmented samples per decoded clip (repeated augmentation)
 
     def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
         ext = next((e for e in VIDEO_EXTS if e in sample), None)
@@ -371,9 +374,36 @@ class ClipSpec:
         video = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)  # (clips, T, C, H, W)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
             torch.manual_seed(rng.getrandbits(63))
+            if self.train and self.repeats > 1:  # one decode, R augmentations: (R, T, C, H, W), (R,) labels
+                views = [self._augment(video[0], label) for _ in range(self.repeats)]
+                return torch.stack([v for v, _ in views]), torch.tensor([y for _, y in views])
             if self.train:
-                return self.transform(video[0]), label  # (T, C, H, W)
+                return self._augment(video[0], label)  # (T, C, H, W)
             return torch.cat([self.transform(v) for v in video]), label  # (clips * crops, T, C, H, W)
+
+    def _augment(self, clip: torch.Tensor, label: int) -> tuple[torch.Tensor, int]:
+        if not self.flip_labels:
+            return self.transform(clip), label
+        clip, flipped = self.transform.with_flip(clip)
+        return clip, self.flip_labels.get(label, label) if flipped else label
+
+
+def flip_label_map(pairs: Sequence[Sequence[str]], names: Sequence[str]) -> dict[int, int]:
+    """Label ids to swap under a horizontal flip, from class-name pairs and the label map (names in id order).
+
+    Raises:
+        ValueError: For a name the label map does not hold (the message names it).
+    """
+    ids = {name: i for i, name in enumerate(names)}
+    swap = {}
+    for a, b in pairs:
+        for name in (a, b):
+            if name not in ids:
+                raise ValueError(
+                    f"data.flip_label_pairs: {name!r} is not a class of the label map ({len(names)} names)"
+                )
+        swap[ids[a]], swap[ids[b]] = ids[b], ids[a]
+    return swap
 
 
 class ClipStream(IterableDataset):
@@ -442,6 +472,7 @@ class ClipStream(IterableDataset):
             key = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
             try:
                 video, label = self.clip(sample, rng)
+                views = zip(video, label.tolist()) if torch.is_tensor(label) else [(video, label)]  # repeats
             except Exception as e:  # a corrupt sample is counted, never fatal
                 skips.append((key, _reason(e)))
                 failed += 1
@@ -449,7 +480,8 @@ class ClipStream(IterableDataset):
                     raise RuntimeError(f"{failed} samples in a row failed to decode, e.g. {skips[-1]}") from e
                 continue
             failed = 0
-            yield video, label, key
+            for view, view_label in views:
+                yield view, view_label, key
 
     def _batches(self, clips: Iterator[tuple], skips: list) -> Iterator[tuple]:
         batch = []
@@ -618,8 +650,28 @@ def build_train_loader(
     _check_num_classes(cfg, shards)
     if rank == 0:
         _warn_few_shards(f"training shards {shards}", len(urls), world_size, cfg.num_workers)
-    transform = train_transform(cfg.size, scale=cfg.scale, flip=cfg.flip, randaugment=cfg.randaugment)
+    transform = train_transform(
+        cfg.size,
+        scale=cfg.scale,
+        flip=cfg.flip,
+        randaugment=cfg.randaugment,
+        randaugment_at=cfg.randaugment_at,
+        resize=cfg.train_resize,
+        short_side_jitter=cfg.short_side_jitter,
+        grayscale_p=cfg.grayscale_p,
+        random_erasing=cfg.random_erasing,
+        random_erasing_mode=cfg.random_erasing_mode,
+        resize_interpolation=cfg.resize_interpolation,
+        crop_interpolation=cfg.crop_interpolation,
+    )
+    swap = {}
+    if cfg.flip and cfg.flip_label_pairs:
+        try:
+            swap = flip_label_map(cfg.flip_label_pairs, read_label_map(shards))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data.flip_label_pairs needs the class names of {shards}: {e}") from None
     clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=True, clips=1, transform=transform)
+    clip.flip_labels, clip.repeats = swap, cfg.num_repeats
     stream = ClipStream(
         urls,
         clip,
@@ -634,6 +686,17 @@ def build_train_loader(
     )
     steps = steps_per_epoch(dataclasses.replace(cfg, train_shards=shards), world_size) if resampled else None
     return VideoLoader(stream, num_workers=cfg.num_workers, steps=steps, epoch=epoch, with_keys=with_keys)
+
+
+def eval_transform_for(cfg: DataCfg):
+    """The test transform `cfg` asks for (size, test_crops, test_resize, test_crop_offsets, resize_interpolation)."""
+    return eval_transform(
+        cfg.size,
+        crops=cfg.test_crops,
+        resize=cfg.test_resize,
+        offsets=cfg.test_crop_offsets,
+        interpolation=cfg.resize_interpolation,
+    )
 
 
 def build_eval_loader(
@@ -667,7 +730,7 @@ def build_eval_loader(
     _check_num_classes(cfg, shards)
     if rank == 0:
         _warn_few_shards(f"validation shards {shards}", len(urls), world_size, cfg.num_workers)
-    transform = eval_transform(cfg.size, crops=cfg.test_crops)
+    transform = eval_transform_for(cfg)
     clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=False, clips=cfg.test_clips, transform=transform)
     stream = ClipStream(
         urls,

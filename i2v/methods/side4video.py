@@ -9,11 +9,14 @@ block outputs. The backbone runs under no_grad, so backward never touches it and
 Side block (CLIP variant, pre-norm): temporal conv branch (BN3d, 1x1x1, depthwise (k,1,1), 1x1x1) + [CLS]-shift
 attention (queries: patch tokens; keys/values: patches + the backbone class token shifted half forward / half
 backward in time) + BN3d -> MLP. The spatial position embedding is shared by all side blocks.
+EVA variant (`tap_order: linear_norm`, the reference's ViT-E configs): Linear -> LN taps, post-norm side blocks
+(`EVASideBlock`) and no BN3d before the pooling.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -64,6 +67,40 @@ class SideBlock(nn.Module):
         return s + self.mlp(from_video_grid(self.bn_mlp(to_video_grid(s, T, self.grid))))
 
 
+class EVASideBlock(nn.Module):
+    """The EVA ViT-E variant of the side block (reference `eva_clip/eva_vit_model.py` `AttnCBlock`, post-norm):
+    s + BN(conv(s)); s + LN(attn(patches | shifted CLS)); s + BN(MLP(s)). No norm before any branch; the attention
+    has separate q/k/v projections (queries from the patches only) and every layer keeps PyTorch's default init (the
+    reference's init loop matches no parameter name). Same parameter count as `SideBlock`."""
+
+    def __init__(self, d: int, heads: int, grid: tuple[int, int], kernel_t: int, mlp_ratio: float):
+        super().__init__()
+        self.grid, self.heads = grid, heads
+        self.conv = nn.Sequential(
+            nn.Conv3d(d, d, 1),
+            nn.Conv3d(d, d, (kernel_t, 1, 1), padding=(kernel_t // 2, 0, 0), groups=d),
+            nn.Conv3d(d, d, 1),
+        )
+        self.bn_conv = nn.BatchNorm3d(d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.ln_attn = nn.LayerNorm(d)
+        hidden = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.bn_mlp = nn.BatchNorm3d(d)
+
+    def forward(self, s: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
+        """s: (B*T, L, d) side state; cls: (B*T, 1, d) projected backbone class token; pos: (L, d)."""
+        s = s + from_video_grid(self.bn_conv(self.conv(to_video_grid(s, T, self.grid))))
+        kv = torch.cat([shift_class_token(cls, T), s + pos], dim=1)  # (B*T, 1+L, d)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, d) -> (N, heads, L, d / heads)
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q(kv[:, 1:])), heads(self.k(kv)), heads(self.v(kv)))
+        s = s + self.ln_attn(self.proj(out.transpose(1, 2).flatten(2)))
+        return s + from_video_grid(self.bn_mlp(to_video_grid(self.mlp(s), T, self.grid)))
+
+
 @register_method("side4video")
 class Side4Video(VideoMethod):
     backbone_no_grad = True
@@ -82,11 +119,14 @@ class Side4Video(VideoMethod):
         )
         self.pos = nn.Parameter(torch.randn(grid[0] * grid[1], d) * 0.01)
         self.taps = nn.ModuleList(self._tap(D, d, cfg.tap_order) for _ in self.indices)
+        eva = cfg.tap_order == "linear_norm"  # the EVA variant: Linear -> LN taps, post-norm blocks, no post_bn
         self.blocks = nn.ModuleList(
-            SideBlock(d, d // cfg.side_head_dim, grid, cfg.kernel_t, cfg.mlp_ratio, len(self.indices))
+            EVASideBlock(d, d // cfg.side_head_dim, grid, cfg.kernel_t, cfg.mlp_ratio)
+            if eva
+            else SideBlock(d, d // cfg.side_head_dim, grid, cfg.kernel_t, cfg.mlp_ratio, len(self.indices))
             for _ in self.indices
         )
-        self.post_bn = nn.BatchNorm3d(d)
+        self.post_bn = nn.Identity() if eva else nn.BatchNorm3d(d)
         self.head = linear_head(d, num_classes, cfg.head_dropout)
         self.grid = grid
         self.grad_checkpointing = cfg.grad_checkpointing

@@ -59,6 +59,13 @@ def validate(cfg: ExperimentCfg) -> None:
                 f"data.num_classes: {cfg.data.num_classes}, but the label map next to the shards has "
                 f"{len(labels)} classes"
             )
+        if labels is not None and cfg.data.flip and cfg.data.flip_label_pairs:
+            from i2v.data.wds import flip_label_map
+
+            try:
+                flip_label_map(cfg.data.flip_label_pairs, labels)  # every name must be a class of the shards
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def init_ray(address: str | None, verbose: bool = False, resources: dict | None = None) -> None:
