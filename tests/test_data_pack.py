@@ -201,6 +201,7 @@ def test_cli_pack_ssv2_json(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.json: id 9: template 'Dropping something' is not in"):
         main(
             [
+                "--verbose",  # the exception itself, not the one-line `i2v: error:` message
                 "data",
                 "pack",
                 "--ssv2-json",

@@ -93,7 +93,7 @@ def test_a_trial_bigger_than_the_cluster_is_refused_before_the_sweep(shards, ray
     cpus = int(ray.cluster_resources()["CPU"])
     space = write_space(tmp_path, [16], [1e-3])
     argv = [str(ROOT / "configs/smoke.yaml"), "--space", space, "--out", str(tmp_path / "sweep"), "--set"]
-    assert sweep_main([*argv, *settings(shards), f"train.num_workers={cpus + 1}"]) == 2
+    assert sweep_main([*argv, *settings(shards), "--trial-set", f"train.num_workers={cpus + 1}"]) == 2
     err = capsys.readouterr().err
     assert f"a trial needs {cpus + 1} workers x (CPU 1)" in err and f"cluster has CPU {cpus}" in err
     assert "Traceback" not in err and not (tmp_path / "sweep" / "tune").exists()
