@@ -304,7 +304,10 @@ def _get(cfg, dotted: str):
 
 def test_every_experiment_config_is_in_the_table():
     stems = {p.stem for p in recipes.EXPERIMENTS.glob("*.yaml")}
-    assert stems == set(EXPECTED) | NO_REFERENCE
+    fewshot = {s for s in stems if "_fewshot-" in s}  # a protocol's grid (tune/fewshot.py), not a paper's recipe
+    assert stems == set(EXPECTED) | NO_REFERENCE | fewshot
+    for stem in fewshot:  # they name the protocol they follow, never ZeroI2V's (whose parameters are unknown)
+        assert "follows vifi-clip's few-shot protocol" in (recipes.EXPERIMENTS / f"{stem}.yaml").read_text().lower()
 
 
 @pytest.mark.parametrize("stem", sorted(EXPECTED))
