@@ -44,15 +44,16 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One private local Ray cluster for the Ray tests: its own temp dir, no auth token, never an existing cluster
-    (RAY_ADDRESS is ignored), DeepSpeed on the CPU accelerator."""
+@pytest.fixture(scope="module")
+def ray_cluster(request):
+    """A private local Ray cluster per test module: its own temp dir, no auth token, never an existing cluster
+    (RAY_ADDRESS is ignored), DeepSpeed on the CPU accelerator. Per module, so that what one module's runs leave
+    behind (Tune trial actors, Train placement groups, a submitted job) cannot stall the next module's trials."""
     import ray
 
     saved = os.environ.pop("RAY_ADDRESS", None)
     os.environ.update(RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
-    temp = f"/tmp/i2v-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    temp = f"/tmp/i2v-ray-{os.getpid()}-{request.module.__name__[5:13]}"  # short: socket paths stay under 107 bytes
     ray.init(address="local", num_cpus=4, include_dashboard=True, _temp_dir=temp)
     yield
     ray.shutdown()

@@ -236,9 +236,13 @@ def results_table(results, base: ExperimentCfg) -> list[dict]:
     """One row per trial: its hyperparameters, best val top-1, peak memory, clips/s, trainable params, status."""
     from i2v.methods import create_model
 
+    # A Result carries no trial status, and a restored experiment may hold a finished trial's last result from before
+    # its final report (no `done`): Tune's own trial status is the record (a private attribute, hence the fallback).
+    status = {t.path: t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])}
     rows = []
     for r in results:
         params = {k: v for k, v in (r.config or {}).items()}
+        done = status.get(r.path) == "TERMINATED" or bool((r.metrics or {}).get("done"))
         df = r.metrics_dataframe
         has = df is not None and "val_top1" in df
         trainable = None
@@ -250,7 +254,7 @@ def results_table(results, base: ExperimentCfg) -> list[dict]:
         rows.append(
             {
                 "trial": _trial_id(r.path),
-                "status": "failed" if r.error else "ok" if (r.metrics or {}).get("done") else "unfinished",
+                "status": "failed" if r.error else "ok" if done else "unfinished",
                 **params,
                 "best_val_top1": float(df["val_top1"].max()) if has else None,
                 "epochs": int(df["epoch"].max()) if has else 0,
