@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.distributed as dist
 
 from i2v.config import ConfigError, ExperimentCfg
 from i2v.data.transforms import normalize
-from i2v.files import atomic_write
+from i2v.files import atomic_savefig, atomic_write
 from i2v.methods import VideoMethod, create_model
 
 
@@ -168,10 +167,7 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path) ->
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path)
 
 
 def predict(checkpoint: str, videos: list[str], topk: int = 5, overrides: list[str] = ()) -> list[dict]:

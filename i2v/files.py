@@ -12,3 +12,15 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+def atomic_savefig(fig, path: str | Path, dpi: int = 100) -> None:
+    """Saves a matplotlib figure as PNG atomically (rendered in memory, then `atomic_write`) and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

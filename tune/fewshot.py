@@ -34,7 +34,7 @@ from pathlib import Path
 
 from i2v.config import ConfigError, load_config
 from i2v.data.subset import PERCENT_RULES
-from i2v.files import atomic_write
+from i2v.files import atomic_savefig, atomic_write
 from tune.spaces import with_overrides
 
 _logger = logging.getLogger(__name__)
@@ -312,10 +312,7 @@ def plot(agg: dict, kind: str, methods: list[str], path: Path) -> None:
     if methods:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path)
 
 
 def _lists(items: list[str]) -> dict[int, str]:

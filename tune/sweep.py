@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from i2v.config import ConfigError, ExperimentCfg, load_config
-from i2v.files import atomic_write
+from i2v.files import atomic_savefig, atomic_write
 from tune.spaces import load_space, with_overrides
 
 _logger = logging.getLogger(__name__)
@@ -344,10 +344,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if series:
         ax1.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
