@@ -39,6 +39,17 @@ def tiny_cfg(method: str, *overrides: str, frames: int = 4, num_classes: int = 5
     )
 
 
+class ClipWrapper(torch.nn.Module):
+    """A vision tower as the `visual` child of a CLIP-like module (what OpenAI's TorchScript archives hold)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x):
+        return self.visual(x)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import TINY_EVA, TINY_VIT, tiny_cfg
+from conftest import TINY_EVA, TINY_VIT, ClipWrapper, tiny_cfg
 from safetensors.torch import save_file
 
 from i2v.backbone import VideoBackbone, load_backbone, resolve_backbone, resolve_pretrained
@@ -170,22 +170,13 @@ def test_quick_gelu_checkpoint_by_path_reproduces_its_tower_and_auto_never_guess
         load_backbone(BackboneCfg(name=name, pretrained=str(path)))
 
 
-class _Clip(torch.nn.Module):
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, x):
-        return self.visual(x)
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_torchscript_archives_load_with_the_activation_they_were_saved_with(tmp_path, quick_gelu):
     """OpenAI's own CLIP files are TorchScript archives whose modules keep their class names (QuickGELU)."""
     name = _keyless(tmp_path)
     src = _tower(name, quick_gelu)
-    archive = torch.jit.trace(_Clip(src.visual).eval(), torch.randn(1, 3, 32, 32), check_trace=False)
+    archive = torch.jit.trace(ClipWrapper(src.visual).eval(), torch.randn(1, 3, 32, 32), check_trace=False)
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(archive, str(path))
     r = resolve_backbone(BackboneCfg(name=name, pretrained=str(path)))

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, ClipWrapper, tiny_cfg
 from safetensors.torch import save_file
 
 from i2v.backbone import load_backbone
@@ -41,15 +41,6 @@ def _free_port() -> int:
 def _held_dtypes(module: torch.nn.Module) -> set[str]:
     """The dtypes of the parameters and of the slices this rank holds of them."""
     return {str(t.dtype) for p in module.parameters() for t in (p, getattr(p, "ds_tensor", p))}
-
-
-class _Clip(torch.nn.Module):
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, x):
-        return self.visual(x)
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
@@ -135,7 +126,7 @@ def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path
     save_file({f"visual.{k}": v.contiguous() for k, v in backbone.visual.state_dict().items()}, ckpt)
     with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript all the same
         warnings.simplefilter("ignore", FutureWarning)
-        archive = torch.jit.trace(_Clip(backbone.visual).eval(), torch.randn(1, 3, 32, 32), check_trace=False)
+        archive = torch.jit.trace(ClipWrapper(backbone.visual).eval(), torch.randn(1, 3, 32, 32), check_trace=False)
         torch.jit.save(archive, str(tmp_path / "tower.pt"))
     video = torch.randn(2, 4, 3, 32, 32)
     torch.save(video, tmp_path / "video.pt")

@@ -23,8 +23,6 @@ and `protocol.json` (the `K x method` table: mean ± sample std over the seeds, 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import os
@@ -272,14 +270,9 @@ def table(agg: dict, kind: str, methods: list[str]) -> str:
 
 def write_outputs(rows: list[dict], out: Path, kind: str, metric: str, protocol: dict) -> None:
     """results.csv (per trial), protocol.json and results.md (the K x method table), fewshot.png; atomically."""
-    from tune.sweep import markdown
+    from tune.sweep import markdown, write_csv
 
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "results.csv", buf.getvalue())
+    keys = write_csv(rows, out / "results.csv")
     agg = aggregate(rows, kind, metric)
     methods = sorted({r["method"] for r in rows})
     md = table(agg, kind, methods)

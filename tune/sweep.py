@@ -281,14 +281,20 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {key.strip()}"[:300]
 
 
-def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None:
-    """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically."""
+def write_csv(rows: list[dict], path: Path) -> list[str]:
+    """Writes `rows` as CSV atomically, columns in first-seen order; returns the columns."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=keys)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "results.csv", table.getvalue())
+    atomic_write(path, buf.getvalue())
+    return keys
+
+
+def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None:
+    """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically."""
+    keys = write_csv(rows, out / "results.csv")
     md = markdown(rows, keys)
     atomic_write(out / "results.md", md + "\n")
     print(md, flush=True)
