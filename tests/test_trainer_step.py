@@ -3,7 +3,6 @@ ZeRO-3 recipe A (side network beside an optimizer-less engine) and recipe B (one
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 import socket
@@ -17,7 +16,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tiny_cfg
 
-from i2v.eval import evaluate
 from i2v.train import checkpoint as ckpt
 from i2v.train.loop import Trainer
 
@@ -72,12 +70,9 @@ def _data(rank: int, n: int, views: int | None = None) -> list[tuple[torch.Tenso
 
 
 def _val_data(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the validation set, 2 views per clip: uint8 clips where evaluation normalises them on the
-    device (`evaluate(..., mean, std)`), the model's float input before that."""
-    batches = _data(10 + rank, 2, views=2)
-    if "mean" in inspect.signature(evaluate).parameters:
-        batches = [((v.clamp(-3, 3) * 40 + 128).to(torch.uint8), y) for v, y in batches]
-    return batches
+    """This rank's share of the validation set, 2 views per clip, as uint8 clips (evaluation normalises on the
+    device)."""
+    return [((v.clamp(-3, 3) * 40 + 128).to(torch.uint8), y) for v, y in _data(10 + rank, 2, views=2)]
 
 
 def _windows() -> list[tuple[bool, int]]:
