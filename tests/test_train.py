@@ -7,6 +7,7 @@ shards -> resampled WebDataset loaders -> DeepSpeed -> checkpoints through `ray.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,8 +51,17 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final.pt", weights_only=False)["model"]
 
 
+def shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(shards, ray_cluster, tmp_path_factory):
+def shm_before(ray_cluster) -> set[str]:
+    return shm_segments()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, shm_before, ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
     summary = run_training(smoke(shards), out, progress=False)
     return out, summary
@@ -155,3 +165,10 @@ def test_bad_configs_fail_before_any_worker_starts(overrides, needle, shards):
 def test_cli_reports_config_errors_without_starting_ray(capsys):
     assert main(["train", str(ROOT / "configs/smoke.yaml"), "method.name=nope"]) == 2
     assert "method.name: unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_runs_leave_no_deepspeed_shared_memory_behind(shm_before, uninterrupted):
+    """DeepSpeed's CPU all-reduce op creates a ~66 MB /dev/shm segment per rank and never unlinks it: every run (and
+    every killed worker) used to leave them in RAM until reboot, until Ray's OOM killer took later trials. The runs of
+    this module, a killed worker's included, must leave none."""
+    assert shm_segments() - shm_before == set()

@@ -54,8 +54,8 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: dict) -> None:
     from i2v.train.optim import build_optimizer
 
     ds.init_distributed("gloo")
+    results = {"shm_left": sorted(str(ds.shm_buffer_path(r)) for r in range(world) if ds.shm_buffer_path(r).exists())}
     video = torch.load(os.path.join(os.path.dirname(ckpt), "video.pt"))
-    results = {}
     for precision in ("fp32", "bf16"):
         for name in ("side4video", "st_adapter"):
             cfg = tiny_cfg(name, f"backbone.pretrained={ckpt}", "backbone.partition=zero3", *OPENAI_LIKE)
@@ -160,6 +160,7 @@ def test_each_rank_holds_half_the_backbone_and_logits_match_the_replica(tmp_path
                     assert r["stepped"], (precision, rank)
 
     for rank in (0, 1):
+        assert out[rank]["shm_left"] == [], out[rank]["shm_left"]  # DeepSpeed's ~66 MB /dev/shm segments, unlinked
         assert out[rank]["archive"] == (True, True), rank  # QuickGELU read from the archive, same slices
         for fp16_ok in (False, True):
             assert out[rank][(fp16_ok, "smoke")] == {"torch.float32"}, (rank, fp16_ok)  # configs/smoke.yaml: fp32

@@ -145,6 +145,28 @@ def init_distributed(backend: str) -> None:
 
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))  # shm kernel init, SYSTEMS §2.6
     deepspeed.init_distributed(dist_backend=backend)
+    release_shm_buffer()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The POSIX shared-memory segment DeepSpeed's CPU all-reduce op creates for one rank (ops/csrc/cpu/comm/shm.cpp:
+    `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`, ~66 MB, only when all ranks are local)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed shm segment once every rank has mapped its peers' segments.
+
+    DeepSpeed 0.19 never unlinks it (`shared_close` is never called), so each run left ~66 MB per rank in /dev/shm,
+    i.e. in RAM, until reboot: a day of sweeps on one node fills it, and Ray's OOM killer then kills trials. Each rank
+    maps every peer's segment inside `init_distributed`, so after a barrier the names are no longer needed; the
+    mappings stay valid and the memory is freed when the last process using it exits (however it exits)."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
+    dist.barrier()  # so that, on return, no rank's name is left
 
 
 def side_engine(backbone: VideoBackbone, cfg: ExperimentCfg):
