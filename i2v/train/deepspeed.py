@@ -162,7 +162,7 @@ def release_shm_buffer() -> None:
     i.e. in RAM, until reboot: a day of sweeps on one node fills it, and Ray's OOM killer then kills trials. Each rank
     maps every peer's segment inside `init_distributed`, so after a barrier the names are no longer needed; the
     mappings stay valid and the memory is freed when the last process using it exits (however it exits)."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_backend() != "gloo":  # the op exists on the CPU accelerator only
         return
     dist.barrier()
     shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
