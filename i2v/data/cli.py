@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("data", help="pack, generate and inspect WebDataset video shards")
     sub = parser.add_subparsers(dest="data_command", required=True)
 
-    p = sub.add_parser("pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv)")
+    p = sub.add_parser(
+        "pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv); also retrieval sets"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--list", type=Path, help="CSV/TSV of 'path,label' rows (paths relative to --root)")
     src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video or frame folder>")
@@ -38,6 +40,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--ucf101", type=Path, metavar="SPLITS_DIR", help="UCF101 ucfTrainTestlist/ (with --split, --part)"
     )
     src.add_argument("--hmdb51", type=Path, metavar="SPLITS_DIR", help="HMDB51 *_test_splitN.txt dir (--split, --part)")
+    src.add_argument(
+        "--msrvtt", type=Path, metavar="CSV", help="retrieval: MSRVTT_train.9k.csv (+ --captions) or JSFUSION test csv"
+    )
+    src.add_argument(
+        "--msvd", type=Path, metavar="LIST", help="retrieval: MSVD {train,val,test}_list.txt (+ --captions)"
+    )
+    src.add_argument(
+        "--vatex", type=Path, metavar="LIST", help="retrieval: VATEX {train,val,test}_list.txt (+ --captions)"
+    )
+    p.add_argument(
+        "--captions", type=Path, help="MSRVTT_data.json, MSVD raw-captions.pkl (or .json), VATEX vatex_data.json"
+    )
+    p.add_argument("--trust-pickle", action="store_true", help="allow reading a caption pickle (raw-captions.pkl)")
     p.add_argument("--ssv2-labels", type=Path, help="something-something-v2-labels.json (with --ssv2-json)")
     p.add_argument("--ssv1-labels", type=Path, help="something-something-v1-labels.csv (with --ssv1-csv)")
     p.add_argument("--split", type=int, default=1, help="UCF101 / HMDB51 official split number N (default 1)")
@@ -95,7 +110,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     import i2v.data.pack as packing
 
     labels = packing.load_labels(args.labels) if args.labels else None
-    if args.list:
+    captions = None
+    if args.msrvtt or args.msvd or args.vatex:
+        items, captions = _retrieval_items(args)
+    elif args.list:
         items = packing.read_list(args.list, args.root)
     elif args.videos:
         items = packing.scan_folders(args.videos)
@@ -127,6 +145,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         items,
         args.out,
         labels=labels,
+        captions=captions,
         shard_samples=args.shard_samples,
         shard_bytes=int(args.shard_bytes),
         workers=args.workers,
@@ -135,9 +154,28 @@ def cmd_pack(args: argparse.Namespace) -> int:
     )
     index = json.loads((args.out / "index.json").read_text())
     print(f"{index['samples']} samples in {len(index['shards'])} shards: {pattern}")
+    if captions is not None:
+        print(f"{index['captions']} captions")
     if index["rejected"]:
         print(f"{index['rejected']} videos rejected, see {args.out / 'rejects.csv'}")
     return 0 if index["samples"] else 1
+
+
+def _retrieval_items(args: argparse.Namespace) -> tuple[list, list]:
+    """(items, captions) of `--msrvtt` / `--msvd` / `--vatex` (i2v.data.retrieval)."""
+    from i2v.data import retrieval
+
+    if args.labels:
+        raise ConfigError("--labels: retrieval packs (--msrvtt, --msvd, --vatex) have no class labels")
+    if not args.root:
+        raise ConfigError("--msrvtt / --msvd / --vatex need --root (the folder of <video id>.<ext> videos)")
+    if args.msrvtt:
+        return retrieval.msrvtt_items(args.msrvtt, args.root, args.captions)
+    if not args.captions:
+        raise ConfigError(f"--{'msvd' if args.msvd else 'vatex'} needs --captions (the caption file)")
+    if args.msvd:
+        return retrieval.msvd_items(args.msvd, args.captions, args.root, trust_pickle=args.trust_pickle)
+    return retrieval.vatex_items(args.vatex, args.captions, args.root)
 
 
 def cmd_subset(args: argparse.Namespace) -> int:
