@@ -82,14 +82,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.set_defaults(func=cmd_subset)
 
-    p = sub.add_parser("synth", help="generate the synthetic temporal-order benchmark (mp4 + shards)")
+    p = sub.add_parser(
+        "synth",
+        help="generate the synthetic temporal-order benchmark (mp4 + shards), or with --captions the retrieval one",
+    )
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--captions", action="store_true", help="the captioned retrieval benchmark (OUT/train, OUT/test; docs/data.md)"
+    )
     p.add_argument("--classes", nargs="+", help="class names (space or comma separated); default: all 8")
-    p.add_argument("--train", type=int, default=400, help="training clips")
-    p.add_argument("--val", type=int, default=100, help="validation clips")
+    p.add_argument("--train", type=int, help="training clips (default 400; --captions: 256)")
+    p.add_argument("--val", type=int, help="validation clips (default 100)")
+    p.add_argument("--test", type=int, help="--captions: test clips (default 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, help="frames per clip (default 16; --captions: 8)")
+    p.add_argument("--size", type=int, help="height and width (default 64; --captions: 32)")
     p.add_argument("--workers", type=int, default=1, help="packing processes")
     p.set_defaults(func=cmd_synth)
 
@@ -193,17 +200,36 @@ def cmd_subset(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    if args.captions:
+        from i2v.data.synth_captions import make_captioned
+
+        if args.classes or args.val is not None:
+            raise ConfigError("--captions: --classes and --val do not apply (the held-out split is --test)")
+        shards = make_captioned(
+            args.out,
+            train=256 if args.train is None else args.train,
+            test=64 if args.test is None else args.test,
+            seed=args.seed,
+            frames=args.frames or 8,
+            size=args.size or 32,
+            workers=args.workers,
+            progress=True,
+        )
+        print(f"train: {shards.train}\ntest:  {shards.test}")
+        return 0
     from i2v.data.synth import CLASSES, make_synthetic
 
+    if args.test is not None:
+        raise ConfigError("--test applies to --captions only (the classification benchmark has --val)")
     classes = [c for arg in args.classes for c in arg.split(",") if c] if args.classes else list(CLASSES)
     shards = make_synthetic(
         args.out,
         classes=classes,
-        train=args.train,
-        val=args.val,
+        train=400 if args.train is None else args.train,
+        val=100 if args.val is None else args.val,
         seed=args.seed,
-        frames=args.frames,
-        size=args.size,
+        frames=args.frames or 16,
+        size=args.size or 64,
         workers=args.workers,
         progress=True,
     )
