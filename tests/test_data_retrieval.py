@@ -243,3 +243,22 @@ def test_changed_captions_repack_the_shard_and_readers_refuse_classification_sam
     assert "cls" in sample and "task" not in json.loads((cls_out / "index.json").read_text())
     with pytest.raises(ValueError, match=r"0000000_a.json: expected a non-empty 'captions' list"):
         captions_of(sample)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--msvd", "{tmp}/l.txt", "--root", "{tmp}"], "--msvd needs --captions"),
+        (["--vatex", "{tmp}/l.txt", "--captions", "{tmp}/c.json"], "need --root"),
+        (["--msrvtt", "{tmp}/l.txt", "--root", "{tmp}", "--labels", "{tmp}/x.json"], "have no class labels"),
+        (["--msrvtt", "{tmp}/l.txt", "--root", "{tmp}"], "l.txt: expected a header with a 'video_id' column"),
+        (["--vatex", "{tmp}/l.txt", "--captions", "{tmp}/l.txt", "--root", "{tmp}"], "l.txt: not JSON"),
+    ],
+)
+def test_retrieval_pack_bad_input_is_one_error_line(args, message, tmp_path, capsys):
+    (tmp_path / "l.txt").write_text("video0\n")
+    (tmp_path / "x.json").write_text('["a"]')
+    argv = ["data", "pack", *(a.replace("{tmp}", str(tmp_path)) for a in args), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("i2v: error: ") and message in err and err.count("\n") == 1, err
