@@ -231,10 +231,12 @@ def test_changed_captions_repack_the_shard_and_readers_refuse_classification_sam
     items = [(str(root / "a.mp4"), "a"), (str(root / "b.mp4"), "b")]
     out = tmp_path / "out"
     pack(items, out, captions=[["one"], ["two", "three"]], shard_samples=1, workers=1, progress=False)
-    stamp = (out / "shard-000001.tar").stat().st_mtime_ns
+    stamps = [(out / f"shard-00000{i}.tar").stat().st_mtime_ns for i in range(2)]
     pack(items, out, captions=[["one"], ["two", "3"]], shard_samples=1, workers=1, progress=False)
     assert [m[CAPTIONS] for m in read_metas(str(out))] == [["one"], ["two", "3"]]
-    assert (out / "shard-000001.tar").stat().st_mtime_ns != stamp
+    after = [(out / f"shard-00000{i}.tar").stat().st_mtime_ns for i in range(2)]
+    assert after[0] == stamps[0] and after[1] != stamps[1]  # resumable: only the changed shard is rewritten
+    assert json.loads((out / "index.json").read_text())["captions"] == 3
     with pytest.raises(ValueError, match="no class labels"):
         pack(items, out, labels=["a", "b"], captions=[["one"], ["two"]])
     cls_out = tmp_path / "cls"
