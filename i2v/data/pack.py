@@ -8,12 +8,12 @@ Output directory layout (what `i2v.data.wds` reads):
                                duration, width, height, codec; a frame folder has fps 0 and codec jpeg or png)
     OUT/labels.json            class names; list position = class index
     OUT/index.json             {"pattern", "samples", "shards": {name: samples}, "classes": {name: samples}, "rejected"}
+    OUT/rejects.csv            path,reason of every video that was not packed
+    OUT/.parts/NAME.json       one record per finished shard: re-runs skip shards whose record matches the plan
 
 Retrieval packs (`captions` given, `i2v.data.retrieval`) have no KEY.cls and no labels.json: KEY.json holds
 {"video_id", "captions": [every caption, in annotation order], "path", fps, ...} and index.json has "task":
 "retrieval" and "captions" (total caption count) instead of "classes".
-    OUT/rejects.csv            path,reason of every video that was not packed
-    OUT/.parts/NAME.json       one record per finished shard: re-runs skip shards whose record matches the plan
 
 Samples go to shards in list order, at most `shard_samples` samples and `shard_bytes` source bytes per shard, so the
 plan is a pure function of the list and re-running after a crash rewrites only the unfinished shards. Every file is
