@@ -31,6 +31,9 @@ _EXPORTS = {
     "train_transform": "i2v.data.transforms",
     "eval_transform": "i2v.data.transforms",
     "make_synthetic": "i2v.data.synth",
+    "make_captioned": "i2v.data.synth_captions",
+    "captions_of": "i2v.data.retrieval",
+    "read_metas": "i2v.data.retrieval",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("data", help="pack, generate and inspect WebDataset video shards")
     sub = parser.add_subparsers(dest="data_command", required=True)
 
-    p = sub.add_parser("pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv)")
+    p = sub.add_parser(
+        "pack", help="pack videos into tar shards (+ labels.json, index.json, rejects.csv); also retrieval sets"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--list", type=Path, help="CSV/TSV of 'path,label' rows (paths relative to --root)")
     src.add_argument("--videos", type=Path, help="class-per-folder directory: VIDEOS/<label>/<video or frame folder>")
@@ -38,6 +40,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--ucf101", type=Path, metavar="SPLITS_DIR", help="UCF101 ucfTrainTestlist/ (with --split, --part)"
     )
     src.add_argument("--hmdb51", type=Path, metavar="SPLITS_DIR", help="HMDB51 *_test_splitN.txt dir (--split, --part)")
+    src.add_argument(
+        "--msrvtt", type=Path, metavar="CSV", help="retrieval: MSRVTT_train.9k.csv (+ --captions) or JSFUSION test csv"
+    )
+    src.add_argument(
+        "--msvd", type=Path, metavar="LIST", help="retrieval: MSVD {train,val,test}_list.txt (+ --captions)"
+    )
+    src.add_argument(
+        "--vatex", type=Path, metavar="LIST", help="retrieval: VATEX {train,val,test}_list.txt (+ --captions)"
+    )
+    p.add_argument(
+        "--captions", type=Path, help="MSRVTT_data.json, MSVD raw-captions.pkl (or .json), VATEX vatex_data.json"
+    )
+    p.add_argument("--trust-pickle", action="store_true", help="allow reading a caption pickle (raw-captions.pkl)")
     p.add_argument("--ssv2-labels", type=Path, help="something-something-v2-labels.json (with --ssv2-json)")
     p.add_argument("--ssv1-labels", type=Path, help="something-something-v1-labels.csv (with --ssv1-csv)")
     p.add_argument("--split", type=int, default=1, help="UCF101 / HMDB51 official split number N (default 1)")
@@ -67,14 +82,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.set_defaults(func=cmd_subset)
 
-    p = sub.add_parser("synth", help="generate the synthetic temporal-order benchmark (mp4 + shards)")
+    p = sub.add_parser(
+        "synth",
+        help="generate the synthetic temporal-order benchmark (mp4 + shards), or with --captions the retrieval one",
+    )
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--captions", action="store_true", help="the captioned retrieval benchmark (OUT/train, OUT/test; docs/data.md)"
+    )
     p.add_argument("--classes", nargs="+", help="class names (space or comma separated); default: all 8")
-    p.add_argument("--train", type=int, default=400, help="training clips")
-    p.add_argument("--val", type=int, default=100, help="validation clips")
+    p.add_argument("--train", type=int, help="training clips (default 400; --captions: 256)")
+    p.add_argument("--val", type=int, help="validation clips (default 100)")
+    p.add_argument("--test", type=int, help="--captions: test clips (default 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, help="frames per clip (default 16; --captions: 8)")
+    p.add_argument("--size", type=int, help="height and width (default 64; --captions: 32)")
     p.add_argument("--workers", type=int, default=1, help="packing processes")
     p.set_defaults(func=cmd_synth)
 
@@ -95,7 +117,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     import i2v.data.pack as packing
 
     labels = packing.load_labels(args.labels) if args.labels else None
-    if args.list:
+    captions = None
+    if args.msrvtt or args.msvd or args.vatex:
+        items, captions = _retrieval_items(args)
+    elif args.list:
         items = packing.read_list(args.list, args.root)
     elif args.videos:
         items = packing.scan_folders(args.videos)
@@ -127,6 +152,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         items,
         args.out,
         labels=labels,
+        captions=captions,
         shard_samples=args.shard_samples,
         shard_bytes=int(args.shard_bytes),
         workers=args.workers,
@@ -135,9 +161,28 @@ def cmd_pack(args: argparse.Namespace) -> int:
     )
     index = json.loads((args.out / "index.json").read_text())
     print(f"{index['samples']} samples in {len(index['shards'])} shards: {pattern}")
+    if captions is not None:
+        print(f"{index['captions']} captions")
     if index["rejected"]:
         print(f"{index['rejected']} videos rejected, see {args.out / 'rejects.csv'}")
     return 0 if index["samples"] else 1
+
+
+def _retrieval_items(args: argparse.Namespace) -> tuple[list, list]:
+    """(items, captions) of `--msrvtt` / `--msvd` / `--vatex` (i2v.data.retrieval)."""
+    from i2v.data import retrieval
+
+    if args.labels:
+        raise ConfigError("--labels: retrieval packs (--msrvtt, --msvd, --vatex) have no class labels")
+    if not args.root:
+        raise ConfigError("--msrvtt / --msvd / --vatex need --root (the folder of <video id>.<ext> videos)")
+    if args.msrvtt:
+        return retrieval.msrvtt_items(args.msrvtt, args.root, args.captions)
+    if not args.captions:
+        raise ConfigError(f"--{'msvd' if args.msvd else 'vatex'} needs --captions (the caption file)")
+    if args.msvd:
+        return retrieval.msvd_items(args.msvd, args.captions, args.root, trust_pickle=args.trust_pickle)
+    return retrieval.vatex_items(args.vatex, args.captions, args.root)
 
 
 def cmd_subset(args: argparse.Namespace) -> int:
@@ -155,17 +200,36 @@ def cmd_subset(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    if args.captions:
+        from i2v.data.synth_captions import make_captioned
+
+        if args.classes or args.val is not None:
+            raise ConfigError("--captions: --classes and --val do not apply (the held-out split is --test)")
+        shards = make_captioned(
+            args.out,
+            train=256 if args.train is None else args.train,
+            test=64 if args.test is None else args.test,
+            seed=args.seed,
+            frames=args.frames or 8,
+            size=args.size or 32,
+            workers=args.workers,
+            progress=True,
+        )
+        print(f"train: {shards.train}\ntest:  {shards.test}")
+        return 0
     from i2v.data.synth import CLASSES, make_synthetic
 
+    if args.test is not None:
+        raise ConfigError("--test applies to --captions only (the classification benchmark has --val)")
     classes = [c for arg in args.classes for c in arg.split(",") if c] if args.classes else list(CLASSES)
     shards = make_synthetic(
         args.out,
         classes=classes,
-        train=args.train,
-        val=args.val,
+        train=400 if args.train is None else args.train,
+        val=100 if args.val is None else args.val,
         seed=args.seed,
-        frames=args.frames,
-        size=args.size,
+        frames=args.frames or 16,
+        size=args.size or 64,
         workers=args.workers,
         progress=True,
     )

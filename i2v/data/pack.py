@@ -11,6 +11,10 @@ Output directory layout (what `i2v.data.wds` reads):
     OUT/rejects.csv            path,reason of every video that was not packed
     OUT/.parts/NAME.json       one record per finished shard: re-runs skip shards whose record matches the plan
 
+Retrieval packs (`captions` given, `i2v.data.retrieval`) have no KEY.cls and no labels.json: KEY.json holds
+{"video_id", "captions": [every caption, in annotation order], "path", fps, ...} and index.json has "task":
+"retrieval" and "captions" (total caption count) instead of "classes".
+
 Samples go to shards in list order, at most `shard_samples` samples and `shard_bytes` source bytes per shard, so the
 plan is a pure function of the list and re-running after a crash rewrites only the unfinished shards. Every file is
 written under a temporary name and renamed into place.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -308,6 +313,7 @@ def pack(
     out_dir: str | Path,
     *,
     labels: list[str] | None = None,
+    captions: list[list[str]] | None = None,
     shard_samples: int = 1000,
     shard_bytes: int = 1 << 30,
     workers: int = 0,
@@ -317,9 +323,11 @@ def pack(
     """Writes `items` as tar shards plus labels.json, index.json and rejects.csv in `out_dir`.
 
     Args:
-        items: (video file or frame folder, label name) pairs.
+        items: (video file or frame folder, label name) pairs; for a retrieval pack (video, video id) pairs.
         out_dir: Output directory (created).
         labels: Class names in index order; default: the sorted distinct labels of `items`.
+        captions: Makes a retrieval pack: the captions of each item (parallel to `items`), stored in KEY.json; no
+            class labels (KEY.cls, labels.json) are written.
         shard_samples: Maximum samples per shard.
         shard_bytes: Maximum source bytes per shard (a single larger video gets a shard of its own).
         workers: Processes; 0 = one per CPU, 1 = in this process.
@@ -334,16 +342,27 @@ def pack(
         raise ValueError(f"{out_dir}: no videos to pack")
     if reencode_to is not None and any(os.path.isdir(path) for path, _ in items):
         raise ValueError(f"{out_dir}: re-encoding applies to video files; the list holds frame folders")
+    if captions is not None:
+        if labels is not None:
+            raise ValueError(f"{out_dir}: a retrieval pack (captions) has no class labels")
+        if len(captions) != len(items) or not all(captions):
+            raise ValueError(f"{out_dir}: need a non-empty caption list for each of the {len(items)} videos")
     out = Path(out_dir)
     (out / ".parts").mkdir(parents=True, exist_ok=True)
-    labels = list(labels) if labels is not None else sorted({label for _, label in items})
-    class_index = {name: i for i, name in enumerate(labels)}
+    if captions is None:
+        labels = list(labels) if labels is not None else sorted({label for _, label in items})
+    class_index = {name: i for i, name in enumerate(labels or [])}
     plan = _plan(items, shard_samples, shard_bytes)
     records: dict[int, dict] = {}
     todo = []
     for i, chunk in enumerate(plan):
-        samples = [(f"{j:07d}_{_slug(path)}", path, label) for j, path, label in chunk]
-        signature = {"keys": [k for k, _, _ in samples], "reencode": reencode_to, "labels": labels}
+        samples = [
+            (f"{j:07d}_{_slug(path)}", path, label, None if captions is None else list(captions[j]))
+            for j, path, label in chunk
+        ]
+        signature = {"keys": [s[0] for s in samples], "reencode": reencode_to, "labels": labels}
+        if captions is not None:  # a changed caption redoes the shard
+            signature["captions"] = hashlib.sha256(json.dumps([s[3] for s in samples]).encode()).hexdigest()
         record = _read_record(out, i, signature)
         if record is not None:
             records[i] = record
@@ -369,20 +388,24 @@ def pack(
     names = [_shard_name(i) for i in range(len(plan))]
     pattern = str(out / (f"shard-{{000000..{len(plan) - 1:06d}}}.tar" if len(plan) > 1 else "shard-000000.tar"))
     rejects = [r for i in range(len(plan)) for r in records[i]["rejects"]]
-    classes = Counter()
-    for rec in records.values():
-        classes.update({labels[int(k)]: v for k, v in rec["classes"].items()})
     index = {
         "pattern": Path(pattern).name,
         "samples": sum(rec["samples"] for rec in records.values()),
         "shards": {name: records[i]["samples"] for i, name in enumerate(names)},
-        "classes": {name: classes[name] for name in labels},
-        "rejected": len(rejects),
     }
+    if captions is None:
+        classes = Counter()
+        for rec in records.values():
+            classes.update({labels[int(k)]: v for k, v in rec["classes"].items()})
+        index["classes"] = {name: classes[name] for name in labels}
+    else:
+        index.update(task="retrieval", captions=sum(rec["caption_count"] for rec in records.values()))
+    index["rejected"] = len(rejects)
     rows = io.StringIO()
     csv.writer(rows).writerows([("path", "reason"), *rejects])
     atomic_write(out / "rejects.csv", rows.getvalue().encode())
-    atomic_write(out / "labels.json", json.dumps(labels, indent=1).encode())
+    if captions is None:
+        atomic_write(out / "labels.json", json.dumps(labels, indent=1).encode())
     atomic_write(out / "index.json", json.dumps(index, indent=1).encode())
     _logger.info("%s: %d samples in %d shards, %d rejected", out, index["samples"], len(plan), len(rejects))
     return pattern
@@ -405,45 +428,51 @@ def _plan(items: list[tuple[str, str]], max_samples: int, max_bytes: int) -> lis
 
 
 def _pack_shard(
-    out_dir: str, i: int, samples: list[tuple[str, str, str]], class_index: dict, reencode_to: dict | None, signature
+    out_dir: str, i: int, samples: list[tuple[str, str, str, list | None]], class_index: dict, reencode_to, signature
 ) -> dict:
-    """Writes one shard (temporary name, then rename) and its record; returns the record."""
+    """Writes one shard (temporary name, then rename) and its record; returns the record.
+
+    A sample is (key, path, label, captions); with captions (retrieval) the label is the video id and no .cls is
+    written.
+    """
     out = Path(out_dir)
     final = out / _shard_name(i)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    rejects, classes, nbytes = [], Counter(), 0
+    rejects, classes, nbytes, count, ncaptions = [], Counter(), 0, 0, 0
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for key, path, label in samples:
+        for key, path, label, captions in samples:
             try:
-                if label not in class_index:
+                if captions is None and label not in class_index:
                     raise ValueError(f"label {label!r} is not in the label map")
                 if os.path.isdir(path):
                     members, info = _read_frames(path)
-                    meta = {"label": label, "path": path, **info.to_dict()}
-                    for name, data in members:
-                        _add(tar, f"{key}.{name}", data)
-                    _add(tar, f"{key}.cls", str(class_index[label]).encode())
-                    _add(tar, f"{key}.json", json.dumps(meta).encode())
-                    classes[class_index[label]] += 1
-                    nbytes += sum(len(d) for _, d in members)
-                    continue
-                data = _read_bytes(path)
-                info = probe(data)
-                ext = Path(path).suffix.lower().lstrip(".") or "mp4"
-                if reencode_to is not None:
-                    data, ext = reencode(data, **reencode_to), "mp4"
+                else:
+                    data = _read_bytes(path)
                     info = probe(data)
+                    ext = Path(path).suffix.lower().lstrip(".") or "mp4"
+                    if reencode_to is not None:
+                        data, ext = reencode(data, **reencode_to), "mp4"
+                        info = probe(data)
+                    members = [(ext, data)]
             except Exception as e:  # a bad video is a reject, never a failed pack
                 rejects.append((path, _reason(e)))
                 continue
-            meta = {"label": label, "path": path, **info.to_dict()}
-            _add(tar, f"{key}.{ext}", data)
-            _add(tar, f"{key}.cls", str(class_index[label]).encode())
+            for name, data in members:
+                _add(tar, f"{key}.{name}", data)
+            if captions is None:
+                meta = {"label": label, "path": path, **info.to_dict()}
+                _add(tar, f"{key}.cls", str(class_index[label]).encode())
+                classes[class_index[label]] += 1
+            else:
+                meta = {"video_id": label, "captions": captions, "path": path, **info.to_dict()}
+                ncaptions += len(captions)
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-            classes[class_index[label]] += 1
-            nbytes += len(data)
+            count += 1
+            nbytes += sum(len(d) for _, d in members)
     os.replace(tmp, final)
-    record = {**signature, "samples": sum(classes.values()), "bytes": nbytes, "rejects": rejects, "classes": classes}
+    record = {**signature, "samples": count, "bytes": nbytes, "rejects": rejects, "classes": classes}
+    if "captions" in signature:  # retrieval
+        record["caption_count"] = ncaptions
     atomic_write(out / ".parts" / f"{final.stem}.json", json.dumps(record).encode())
     return json.loads(json.dumps(record))  # same types as a record read back on resume
 

@@ -81,11 +81,22 @@ def render_clip(
     return clip if FORWARD[name] == name else np.ascontiguousarray(clip[::-1])
 
 
-def _render_forward(kind: str, rng: np.random.Generator, t: int, h: int, w: int) -> np.ndarray:
+def _render_forward(
+    kind: str,
+    rng: np.random.Generator,
+    t: int,
+    h: int,
+    w: int,
+    *,
+    shape: list[tuple[float, float]] | None = None,
+    colour: np.ndarray | None = None,
+) -> np.ndarray:
+    """One clip of a forward class; `shape` (unit polygon) and `colour` (RGB) replace the random draws when given
+    (the captioned benchmark, `i2v.data.synth_captions`)."""
     m = min(h, w)
     background = _background(rng, h, w)  # (H, W, 3) float
-    shape = np.array(list(_SHAPES.values())[rng.integers(len(_SHAPES))])  # (K, 2)
-    colour = _saturated_colour(rng)  # (3,)
+    shape = np.array(shape if shape is not None else list(_SHAPES.values())[rng.integers(len(_SHAPES))])  # (K, 2)
+    colour = colour if colour is not None else _saturated_colour(rng)  # (3,)
     progress = np.linspace(0.0, 1.0, t) ** rng.uniform(0.7, 1.4)  # uneven speed
     angle = np.full(t, rng.uniform(0, 2 * math.pi))
     radius = np.full(t, rng.uniform(0.18, 0.26) * m)
