@@ -143,6 +143,9 @@ class MAdapterCfg(MethodCfg):
     indices: list[int] | int | None = None  # tapped levels; None = every 3rd block ending at the last one
     kernel_t: int = 3  # temporal size of the ConvGLU's depthwise space-time kernel (kernel_t, 3, 3)
     num_heads: int = 6  # heads of the class-token attentions (over patches, over time) and the local correlation
+    # the branch's own Conv3d patch embedding of the clip starts its patch state; false = the taps alone (README:
+    # the smoke benchmark needs it, the 8-class synthetic set does better without it)
+    pixel_embed: bool = True
 
 
 METHOD_CFGS: dict[str, type[MethodCfg]] = {

@@ -299,3 +299,17 @@ def test_m_adapter_every_level_learns_from_the_first_step():
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[1] for n in grads if n.startswith("levels.")} == {"0", "1", "2", "3"}
     assert [n for n, g in grads.items() if g is None or not g.abs().sum() > 0] == []
+
+
+@pytest.mark.parametrize("pixel_embed", [True, False])
+def test_m_adapter_reads_the_clip_itself_besides_the_taps(pixel_embed):
+    # The pixel level: with the frozen tower's outputs held fixed, the branch still sees the frames and their order
+    # (the tower's tokens blur motion under a patch per frame; the first two reconstructions read only the taps).
+    model = create_model(tiny_cfg("m_adapter", f"method.pixel_embed={pixel_embed}")).eval()
+    assert any(n.startswith("pixel_") for n, _ in model.named_parameters()) == pixel_embed
+    x = video()
+    taps = model.backbone(x, model.indices)
+    model.backbone.forward = lambda *args: taps
+    with torch.no_grad():
+        change = (model(x) - model(x.flip(1))).abs().max()
+    assert change > 1e-4 if pixel_embed else change == 0
