@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -238,6 +239,7 @@ def count_samples(shards: str) -> int:
     return sum(read_shard_index(shards).values())
 
 
+@functools.lru_cache(maxsize=16)  # once per process: every epoch's loader asks again
 def count_captions(shards: str) -> int:
     """(video, caption) pairs in retrieval shards: the index.json's "captions" per shard when present, else a scan
     of the shards (only the json members are parsed; malformed samples count 0)."""

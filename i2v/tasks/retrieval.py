@@ -248,7 +248,7 @@ def retrieval_metrics(sim: torch.Tensor, video_of: torch.Tensor) -> dict[str, fl
     t2v = _ranks(sim, video_of)
     M = sim.shape[1]
     groups = torch.full((M, M), float("-inf"))  # (caption group g, query video v)
-    groups.index_reduce_(0, video_of, sim.float(), "amax", include_self=True)
+    groups.scatter_reduce_(0, video_of[:, None].expand(-1, M), sim.float(), "amax", include_self=True)
     has = torch.isfinite(groups.diagonal())
     queries = torch.arange(M)[has]
     v2t = _ranks(groups.T[has], queries)

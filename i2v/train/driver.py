@@ -138,7 +138,7 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
 
     metrics = dict(result.metrics or {})
     latest = out / "eval" / "latest.json"  # per-class accuracy is not reported through Ray (scalars only)
-    per_class = json.loads(latest.read_text())["val_per_class"] if latest.is_file() else None
+    per_class = json.loads(latest.read_text()).get("val_per_class") if latest.is_file() else None
     summary = {k: metrics.get(k) for k in SUMMARY_KEYS if cfg.task == "classification" or k in metrics} | {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
