@@ -143,7 +143,9 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
         raise ConfigError(f"data.val_shards: {e}") from None
     mean, std = model.backbone.mean, model.backbone.std
     if cfg.task == "retrieval":
-        return _run_retrieval_eval(model, cfg, loader, device, autocast, out or Path(checkpoint).resolve().parent)
+        return _run_retrieval_eval(
+            model, cfg, loader, device, autocast, out or Path(checkpoint).resolve().parent / "eval"
+        )
     metrics = evaluate(model, loader, cfg.data.num_classes, device, mean=mean, std=std, autocast=autocast)
     metrics["labels"] = labels_for(cfg)
     metrics["views"] = cfg.data.test_clips * cfg.data.test_crops
@@ -158,7 +160,7 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
 
 def _run_retrieval_eval(model, cfg: ExperimentCfg, loader, device, autocast, out: str | Path) -> dict:
     """`i2v eval` of a retrieval checkpoint: the ten figures, counts and chance on data.val_shards, as
-    OUT/summary.json (and the similarity matrix with `retrieval.save_sim`)."""
+    OUT/summary.json (and the similarity matrix with `retrieval.save_sim`); OUT defaults to <checkpoint dir>/eval."""
     import numpy as np
 
     from i2v.tasks.retrieval import evaluate as retrieval_evaluate
@@ -168,7 +170,7 @@ def _run_retrieval_eval(model, cfg: ExperimentCfg, loader, device, autocast, out
         model, loader, device, mean=mean, std=std, rcfg=cfg.retrieval, autocast=autocast
     )
     metrics |= {"task": "retrieval", "shards": cfg.data.val_shards, "skipped": loader.skipped.to_dict()}
-    out_dir = Path(out) if out and Path(out).name == "eval" else Path(out) / "eval"
+    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "summary.json", json.dumps(metrics, indent=1) + "\n")
     if cfg.retrieval.save_sim:

@@ -323,7 +323,12 @@ def test_caption_loader_expands_pairs_and_skips_malformed_samples(tmp_path):
         None, [f"data.train_shards={shards}", f"data.val_shards={shards}", "data.size=32", "data.frames=4"]
     ).data
     cfg.batch_size, cfg.num_workers, cfg.eval_batch_size = 1, 0, 2
-    assert count_captions(shards) == 7
+    assert count_captions(shards) == 7  # scanned: this index.json has no "captions"
+    index = json.loads((tmp_path / "train" / "index.json").read_text())
+    (tmp_path / "train" / "index.json").write_text(json.dumps(index | {"captions": 99}))
+    assert count_captions(f"{shards}/shard-*.tar") == 99  # the pack's total, when every shard is named
+    assert count_captions(f"{shards}/shard-000000.tar") == 6  # one shard (2 + 1 + 3 captions): scanned
+    (tmp_path / "train" / "index.json").write_text(json.dumps(index))
     assert steps_per_epoch(cfg, 1, pairs=True) == 7
     loader = build_train_loader(cfg, captions=True, resampled=False)
     pairs = [(m["video_id"], m["caption"]) for video, metas in loader for m in metas]

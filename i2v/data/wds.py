@@ -241,13 +241,17 @@ def count_samples(shards: str) -> int:
 
 @functools.lru_cache(maxsize=16)  # once per process: every epoch's loader asks again
 def count_captions(shards: str) -> int:
-    """(video, caption) pairs in retrieval shards: the index.json's "captions" per shard when present, else a scan
-    of the shards (only the json members are parsed; malformed samples count 0)."""
+    """(video, caption) pairs in retrieval shards: the index.json's "captions" (the pack's total when the pattern
+    names every shard, or a per-shard mapping), else a scan of the shards (only the json members are parsed;
+    malformed samples count 0)."""
     urls = expand_shards(shards)
     with contextlib.suppress(OSError, ValueError):
-        per = json.loads(_read_sibling(shards, "index.json")).get("captions")
-        if isinstance(per, dict) and all(u.rsplit("/", 1)[-1] in per for u in urls):
-            return sum(int(per[u.rsplit("/", 1)[-1]]) for u in urls)
+        index = json.loads(_read_sibling(shards, "index.json"))
+        per, names = index.get("captions"), {u.rsplit("/", 1)[-1] for u in urls}
+        if isinstance(per, int) and names == set(index.get("shards", {})) and subset_keys(shards) is None:
+            return per  # the pack's total (`i2v data pack` / `synth --captions`), when every shard is named
+        if isinstance(per, dict) and names <= set(per):
+            return sum(int(per[name]) for name in names)
     _logger.info('%s: counting captions by reading the shards (index.json has no "captions")', shards)
     keys, n, skips = subset_keys(shards), 0, []
     for sample in _tar_samples(urls, skips):

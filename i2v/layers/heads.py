@@ -26,7 +26,7 @@ class FrameProjection(nn.Module):
         super().__init__()
         backbone.require_native("the retrieval frame embedding (ln_post, proj)")
         v = backbone.visual
-        width, dim = v.proj.shape[0], v.proj.shape[1]
+        width, dim = getattr(v.proj, "ds_shape", v.proj.shape)  # a ZeRO-3 partitioned parameter's own shape is (0,)
         self.ln_post = nn.LayerNorm(width, eps=v.ln_post.eps)
         self.proj = nn.Parameter(torch.empty(width, dim))
         from i2v.train.deepspeed import gathered  # full values of a partitioned tower's parameters

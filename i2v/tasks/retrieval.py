@@ -95,6 +95,9 @@ class RetrievalModel(VideoMethod):
         self.logit_scale = nn.Parameter(logit_scale.detach().float().reshape(1).to(device))
         # A partitioned text tower (zero3) that trains cannot sit in an optimizer-less engine: one joint engine.
         self.backbone_no_grad = method.backbone_no_grad and cfg.backbone.partition != "zero3"
+        if cfg.backbone.partition == "zero3":  # DeepSpeed partitions a parameter through a flat byte view
+            for p in method.parameters():  # (Side4Video keeps its temporal convs channels-last for DDP)
+                p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device).copy_(p.data)  # row-major strides
         clip = self.clip_parameters()
         text.tower.requires_grad_(False)
         for p in clip.values():
