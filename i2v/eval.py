@@ -104,6 +104,9 @@ def load_trained(checkpoint: str | Path, overrides: list[str] = ()) -> tuple[Vid
     state, cfg_dict = load_trainable(checkpoint)
     cfg = ExperimentCfg.from_dict(apply_overrides(cfg_dict, overrides), source=f"{checkpoint} + overrides")
     cfg.backbone.partition = "replicate"
+    from i2v.train.loop import seed_all
+
+    seed_all(cfg.train.seed)  # towers without backbone.pretrained are random: rebuilt as training built them
     if cfg.task == "classification":
         model = create_model(cfg)
     else:  # the task's model around the method (retrieval: + text tower, WTI)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import open_clip
 import pytest
 from conftest import ROOT
+from safetensors.torch import save_file
 from test_retrieval import TINY_CLIP, make_captioned_shards
 
 from i2v.cli import main
@@ -20,10 +22,17 @@ ROOT_SMOKE = str(ROOT / "configs/retrieval_smoke.yaml")
 def test_retrieval_run_eval_and_search(tmp_path, capsys):
     train = make_captioned_shards(tmp_path / "train", 16, seed=0, per_shard=4)
     test = make_captioned_shards(tmp_path / "test", 8, seed=1, per_shard=4)
+    open_clip.add_model_config(TINY_CLIP)  # "pretrained" towers: i2v eval must rebuild exactly the trained model
+    weights = tmp_path / "clip.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in open_clip.create_model("i2v-tiny-clip").state_dict().items()}, str(weights)
+    )
     cfg = load_config(
         ROOT_SMOKE,
         [
             f"backbone.name={TINY_CLIP}",
+            f"backbone.pretrained={weights}",
+            "backbone.quick_gelu=false",
             "backbone.partition=zero3",
             "backbone.zero3_persistence_threshold=0",
             f"data.train_shards={train}",
