@@ -382,3 +382,20 @@ def make_captioned_shards(root, n: int, seed: int, per_shard: int = 8) -> str:
         caps = [f"a {colour} {shape} moving {direction}", f"the {shape} is {colour} and goes to the {direction}"]
         videos.append((f"clip{seed}_{i:04d}", caps, encode_video(clip, 8.0)))
     return write_caption_shards(root, videos, per_shard)
+
+
+def test_eval_rebuilds_random_init_towers_as_training_built_them(tmp_path):
+    """Without backbone.pretrained the frozen towers are random: `i2v eval` / `search` must rebuild the very towers
+    the run trained on (seeded as the trainer seeds), or a checkpoint is scored on other features."""
+    from i2v.eval import load_trained
+    from i2v.train.loop import seed_all
+
+    cfg = retrieval_cfg("side4video")
+    seed_all(cfg.train.seed)  # as Trainer.__init__
+    model = build(cfg)
+    torch.save({"model": model.trainable_state_dict(), "cfg": cfg.to_dict()}, tmp_path / "state.pt")
+    torch.manual_seed(123)
+    loaded, _ = load_trained(tmp_path / "state.pt")
+    expected = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
