@@ -104,6 +104,14 @@ def torchscript_quick_gelu(path: str) -> bool | None:
 def read_checkpoint(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The vision-tower state dict of a full-CLIP or visual-only checkpoint: safetensors, `torch.save` (with `mmap`
     nothing is read until a tensor is used) or a TorchScript archive."""
+    sd = read_state_dict(path, mmap)
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+def read_state_dict(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint file (safetensors, `torch.save`, TorchScript), without a DDP `module.` prefix."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -115,8 +123,6 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
         sd = sd.get("state_dict", sd)
     if all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
     return sd
 
 

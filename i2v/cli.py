@@ -54,6 +54,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.config and "=" in args.config:  # no config file given, only overrides
         args.config, args.overrides = None, [args.config, *args.overrides]
     m = run_eval(args.checkpoint, args.config, args.overrides, args.out)
+    if m.get("task") == "retrieval":
+        for d, name in (("t2v", "text-to-video"), ("v2t", "video-to-text")):
+            r1, r5, r10, mdr, mnr = (m[f"{d}_{k}"] for k in ("r1", "r5", "r10", "mdr", "mnr"))
+            print(f"{name}: R@1 {r1:.1f}  R@5 {r5:.1f}  R@10 {r10:.1f}  MdR {mdr:.1f}  MnR {mnr:.1f}")
+        print(f"{m['num_videos']} videos, {m['num_captions']} captions, chance R@1 {m['chance_r1']:.2f}")
+        print(f"wrote {m['out']}/summary.json")
+        return 0
     print(f"top-1 {m['val_top1']:.4f}  top-5 {m['val_top5']:.4f}  clips {m['val_clips']}  views {m['views']}")
     for label, acc in zip(m["labels"], m["val_per_class"]):
         print(f"  {acc:.4f}  {label}")
@@ -74,6 +81,18 @@ def _predict(args: argparse.Namespace) -> int:
         for label, p in r["top"]:
             print(f"  {p:.4f}  {label}")
     return 1 if failed else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from i2v.tasks.retrieval import search
+
+    r = search(args.checkpoint, args.videos, args.queries, topk=args.topk, overrides=args.set)
+    for q in r["results"]:
+        print(q["query"])
+        for vid, score, caption in q["top"]:
+            print(f"  {score:.4f}  {vid}  ({caption})")
+    print(f"{r['videos']} clips, features {'read from' if r['cached'] else 'cached in'} {r['cache']}", file=sys.stderr)
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -141,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.test_clips=3")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("search", help="top-k clips of retrieval shards for text queries (a retrieval checkpoint)")
+    p.add_argument("queries", nargs="+", help='e.g. "a red square moving left"')
+    p.add_argument("--checkpoint", required=True, help="a retrieval run's final.pt or a checkpoint directory")
+    p.add_argument("--videos", required=True, help="retrieval shards (pattern or pack directory) to search")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. retrieval.eval_block=64")
+    p.set_defaults(func=_search)
 
     p = sub.add_parser("export", help="the inference model (ZeroI2V merged) as safetensors with open_clip keys")
     p.add_argument("--checkpoint", required=True)

@@ -127,6 +127,10 @@ class Side4VideoCfg(MethodCfg):
     kernel_t: int = 3
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
+    # A position-embedding row for the shifted [CLS] token in the side attention: the Retrieval code's side table is
+    # (1 + L) x side_width (197 x 320 for B/16), the Recognition code's L x side_width. How the Retrieval code uses the
+    # extra row is not in the material read; here it is added to the class token, as its 197 rows suggest.
+    cls_pos: bool = False
     # SyncBatchNorm in the side network: batch statistics over all ranks, for small per-GPU batches (EVA02-E-14 at
     # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). Side4Video is the only
     # method with BatchNorm, so the other methods have no such key.
@@ -258,11 +262,42 @@ class TrainCfg:
 
 
 @dataclass
+class RetrievalCfg:
+    """Text-video retrieval (`task: retrieval`): CLIP4Clip + DRL's weighted token interaction, as Side4Video's
+    Retrieval code (shared/RETRIEVAL_FEWSHOT.md Part 1)."""
+
+    max_words: int = 32  # text length in tokens including <|startoftext|> and <|endoftext|>, zero-padded (ref. 32)
+    # The CLIP parts the reference trains at lr x coef_lr (text tower, ln_post and proj of the vision tower,
+    # logit_scale): "low_lr" (reference), "frozen" (none of them trains), "full" (at the base lr).
+    clip_train: Literal["low_lr", "frozen", "full"] = "low_lr"
+    coef_lr: float = 1e-3  # lr factor of those parts under "low_lr"
+    # wti: DRL's weighted token-wise interaction over text tokens x frames (reference); mean: cosine of the
+    # <|endoftext|> feature and the mean of the normalised frame features (CLIP4Clip's meanP)
+    interaction: Literal["wti", "mean"] = "wti"
+    logit_scale_max: float = 100.0  # exp(logit_scale) is clamped to this in the loss (reference: 100)
+    eval_block: int = 256  # captions (and videos) per block of the test similarity matrix
+    save_sim: bool = False  # also write the (captions x videos) test similarity matrix as eval/sim_epoch_NNN.npy
+
+    def __post_init__(self):
+        if self.max_words < 3:
+            raise ValueError(f"max_words: {self.max_words} must be >= 3 (start, one token, end)")
+        if self.coef_lr < 0 or self.logit_scale_max <= 0 or self.eval_block < 1:
+            raise ValueError(
+                f"coef_lr: {self.coef_lr} must be >= 0, logit_scale_max: {self.logit_scale_max} > 0, "
+                f"eval_block: {self.eval_block} >= 1"
+            )
+
+
+@dataclass
 class ExperimentCfg:
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
     method: MethodCfg = field(default_factory=Side4VideoCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    # classification: clips -> class logits (cross-entropy, top-1/top-5); retrieval: clips and captions -> embeddings
+    # (contrastive loss over the global batch, R@K / median rank); see i2v/tasks/
+    task: Literal["classification", "retrieval"] = "classification"
+    retrieval: RetrievalCfg = field(default_factory=RetrievalCfg)  # used by task: retrieval only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -104,7 +104,16 @@ def load_trained(checkpoint: str | Path, overrides: list[str] = ()) -> tuple[Vid
     state, cfg_dict = load_trainable(checkpoint)
     cfg = ExperimentCfg.from_dict(apply_overrides(cfg_dict, overrides), source=f"{checkpoint} + overrides")
     cfg.backbone.partition = "replicate"
-    model = create_model(cfg)
+    from i2v.train.loop import seed_all
+
+    seed_all(cfg.train.seed)  # towers without backbone.pretrained are random: rebuilt as training built them
+    if cfg.task == "classification":
+        model = create_model(cfg)
+    else:  # the task's model around the method (retrieval: + text tower, WTI)
+        from i2v.backbone import load_backbone
+        from i2v.tasks import get_task
+
+        model = get_task(cfg).build_model(cfg, load_backbone(cfg.backbone))
     model.load_trainable_state_dict(state)
     return model.eval(), cfg
 
@@ -132,10 +141,14 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
     model.to(device)
     autocast = autocast_for(device, model.backbone.dtype)
     try:
-        loader = build_eval_loader(cfg.data)
+        loader = build_eval_loader(cfg.data, captions=cfg.task == "retrieval")
     except (OSError, ValueError) as e:  # shards that do not exist, an empty data.val_shards, a class-count mismatch
         raise ConfigError(f"data.val_shards: {e}") from None
     mean, std = model.backbone.mean, model.backbone.std
+    if cfg.task == "retrieval":
+        return _run_retrieval_eval(
+            model, cfg, loader, device, autocast, out or Path(checkpoint).resolve().parent / "eval"
+        )
     metrics = evaluate(model, loader, cfg.data.num_classes, device, mean=mean, std=std, autocast=autocast)
     metrics["labels"] = labels_for(cfg)
     metrics["views"] = cfg.data.test_clips * cfg.data.test_crops
@@ -144,6 +157,28 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     plot_confusion(metrics["confusion"], metrics["labels"], out_dir / "confusion.png")
+    metrics["out"] = str(out_dir)
+    return metrics
+
+
+def _run_retrieval_eval(model, cfg: ExperimentCfg, loader, device, autocast, out: str | Path) -> dict:
+    """`i2v eval` of a retrieval checkpoint: the ten figures, counts and chance on data.val_shards, as
+    OUT/summary.json (and the similarity matrix with `retrieval.save_sim`); OUT defaults to <checkpoint dir>/eval."""
+    import numpy as np
+
+    from i2v.tasks.retrieval import evaluate as retrieval_evaluate
+
+    mean, std = model.backbone.mean, model.backbone.std
+    metrics, sim, ids = retrieval_evaluate(
+        model, loader, device, mean=mean, std=std, rcfg=cfg.retrieval, autocast=autocast
+    )
+    metrics |= {"task": "retrieval", "shards": cfg.data.val_shards, "skipped": loader.skipped.to_dict()}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "summary.json", json.dumps(metrics, indent=1) + "\n")
+    if cfg.retrieval.save_sim:
+        np.save(out_dir / "sim.npy", sim.numpy())
+        atomic_write(out_dir / "sim_video_ids.json", json.dumps(ids) + "\n")
     metrics["out"] = str(out_dir)
     return metrics
 

@@ -80,6 +80,9 @@ def row(path: Path) -> list[str]:
         f" x {t.accum_steps} acc" if t.accum_steps > 1 else ""
     )
     groups = ", ".join(f"{k} x{v:g}" for k, v in t.lr_mult.items())
+    if cfg.task == "retrieval" and cfg.retrieval.clip_train != "full":
+        clip = "frozen" if cfg.retrieval.clip_train == "frozen" else f"x{cfg.retrieval.coef_lr:g}"
+        groups = ", ".join(filter(None, [groups, f"CLIP parts {clip}"]))
     layer_decay = getattr(cfg.method, "layer_decay", 1.0)
     if layer_decay != 1.0:
         groups = ", ".join(filter(None, [groups, f"layer decay {layer_decay:g}"]))
@@ -87,6 +90,8 @@ def row(path: Path) -> list[str]:
     test_resize = "x".join(map(str, d.test_resize or [d.size]))
     test = f"{d.test_crops}x{d.test_clips} ({test_resize}, {d.test_crop_offsets if d.test_crops == 3 else 'centre'})"
     top1 = "—" if goal.get("top1") is None else f"{goal['top1']:g}"
+    if goal.get("top1") is None and goal.get("t2v_r1") is not None:  # retrieval configs target T2V R@1
+        top1 = f"T2V R@1 {goal['t2v_r1']:g}"
     return [
         f"`{path.stem}`",
         top1,

@@ -40,7 +40,7 @@ def test_switching_method_by_override_resets_the_method_section(tmp_path):
         ),
         (["backbone.partition=zero2"], "['replicate', 'zero3']"),
         (["data.frames=true"], "data.frames: expected int, got True"),
-        (["trian.lr=1"], "trian: unknown key; allowed keys are ['backbone', 'data', 'method', 'train']"),
+        (["trian.lr=1"], "trian: unknown key; allowed keys are ['backbone', 'data', 'method', 'retrieval', 'task', "),
         (["train.lr"], "expected key=value"),
     ],
 )

@@ -286,6 +286,34 @@ EXPECTED = {
     },
     "zeroi2v_vit-b16-openai_1x8xb16-f32_ucf101": {**Z_SMALL, "data.frames": 32, "data.num_classes": 101},
 }
+# Side4Video Retrieval/script_train/run_train_*.sh (shared/RETRIEVAL_FEWSHOT.md section 1.6)
+S4V_RETRIEVAL = {
+    "task": "retrieval",
+    "method.side_width": 320,
+    "method.cls_pos": True,
+    "data.frames": 12,
+    "data.batch_size": 16,
+    "data.flip": False,
+    "train.num_workers": 8,
+    "train.lr": 1e-4,
+    "train.epochs": 5,
+    "train.warmup_epochs": 0.5,
+    "train.weight_decay": 0.2,
+    "train.wd_exempt": ["*bias"],
+    "train.grad_clip": 1.0,
+    "retrieval.clip_train": "low_lr",
+    "retrieval.coef_lr": 1e-3,
+    "retrieval.max_words": 32,
+    "retrieval.interaction": "wti",
+}
+for _name, _bb, _eval_batch in (
+    ("side4video_vit-b16-openai_1x8xb16-f12_msrvtt", "ViT-B-16", 16),
+    ("side4video_vit-b16-openai_1x8xb16-f12_msvd", "ViT-B-16", 16),
+    ("side4video_vit-b16-openai_1x8xb16-f12_vatex", "ViT-B-16", 64),
+    ("side4video_vit-b32-openai_1x8xb16-f12_msrvtt", "ViT-B-32", 16),
+):
+    EXPECTED[_name] = S4V_RETRIEVAL | {"backbone.name": _bb, "data.eval_batch_size": _eval_batch}
+
 NO_REFERENCE = {  # configs without a released reference recipe: their headers say so
     "st_adapter_vit-l14-openai_1x8xb32-f8_k400",
     "st_adapter_vit-l14-openai_1x8xb16-f8_ssv2",

@@ -24,13 +24,22 @@ Modes:
 - finite (evaluation, `i2v data stats`, training-free reading): cycle 0 only, so every sample exactly once over
   ranks x workers. The last partial batch is kept.
 
+Retrieval shards (`task: retrieval`) carry no `cls`: each sample holds `KEY.json` = {"video_id": str, "captions":
+[str, ...]} beside the video. Training expands every sample into one sample per caption before the shuffle buffer
+(stage 3), so an epoch covers every (video, caption) pair once, as the reference does, and the pairs of one video
+are spread over batches; the label of a pair is {"video_id", "caption"}. Evaluation keeps one sample per video with
+{"video_id", "captions"}. Steps per epoch count pairs: the index.json's "captions" (samples' captions per shard)
+when the packer wrote it, else a scan of the shards' json members.
+
 Randomness (shard order, shuffle buffer, frame offsets, augmentation) is a function of (seed, epoch, slot) only.
 Skipped samples travel with the batches to the main process and are counted in `VideoLoader.skipped`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -230,6 +239,28 @@ def count_samples(shards: str) -> int:
     return sum(read_shard_index(shards).values())
 
 
+@functools.lru_cache(maxsize=16)  # once per process: every epoch's loader asks again
+def count_captions(shards: str) -> int:
+    """(video, caption) pairs in retrieval shards: the index.json's "captions" (the pack's total when the pattern
+    names every shard, or a per-shard mapping), else a scan of the shards (only the json members are parsed;
+    malformed samples count 0)."""
+    urls = expand_shards(shards)
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads(_read_sibling(shards, "index.json"))
+        per, names = index.get("captions"), {u.rsplit("/", 1)[-1] for u in urls}
+        if isinstance(per, int) and names == set(index.get("shards", {})) and subset_keys(shards) is None:
+            return per  # the pack's total (`i2v data pack` / `synth --captions`), when every shard is named
+        if isinstance(per, dict) and names <= set(per):
+            return sum(int(per[name]) for name in names)
+    _logger.info('%s: counting captions by reading the shards (index.json has no "captions")', shards)
+    keys, n, skips = subset_keys(shards), 0, []
+    for sample in _tar_samples(urls, skips):
+        if keys is None or sample["__key__"] in keys:
+            with contextlib.suppress(ValueError):
+                n += len(caption_meta(sample)["captions"])
+    return n
+
+
 def _read_sibling(shard_dir_or_pattern: str | Path, name: str) -> str:
     where = str(shard_dir_or_pattern)
     if not where:
@@ -320,10 +351,12 @@ def _warn_few_shards(what: str, shards: int, world_size: int, num_workers: int) 
     )
 
 
-def steps_per_epoch(cfg: DataCfg, world_size: int = 1) -> int:
+def steps_per_epoch(cfg: DataCfg, world_size: int = 1, pairs: bool = False) -> int:
     """Training batches per epoch on every rank: `cfg.epoch_clips` (or the shard index's total) x `cfg.num_repeats` //
-    (ranks x batch): an epoch is one pass over the videos, each giving `num_repeats` samples."""
-    clips = (cfg.epoch_clips or count_samples(cfg.train_shards)) * cfg.num_repeats
+    (ranks x batch): an epoch is one pass over the videos, each giving `num_repeats` samples. With `pairs`
+    (retrieval) the total is the number of (video, caption) pairs (`count_captions`)."""
+    count = count_captions if pairs else count_samples
+    clips = (cfg.epoch_clips or count(cfg.train_shards)) * cfg.num_repeats
     return max(1, clips // (world_size * cfg.batch_size))
 
 
@@ -349,17 +382,25 @@ class ClipSpec:
     threads: int = 1
     flip_labels: dict[int, int] = dataclasses.field(default_factory=dict)  # train: label -> label of the mirrored clip
     repeats: int = 1  # train: independently augmented samples per decoded clip (repeated augmentation)
+    target: Literal["cls", "captions"] = "cls"  # the label: the `cls` member, or the captions of `json` (retrieval)
 
-    def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
+    def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int | dict]:
         ext = next((e for e in VIDEO_EXTS if e in sample), None)
         images = sorted((int(m[1]), k) for k in sample if (m := FRAME_MEMBER.match(k))) if ext is None else []
         if ext is None and not images:
             raise ValueError(
                 f"no video member nor image frames (has {sorted(k for k in sample if not k.startswith('__'))})"
             )
-        if "cls" not in sample:
+        if self.target == "captions":
+            meta = caption_meta(sample)
+            if "__caption__" in sample:  # a training pair (ClipStream's caption expansion)
+                label = {"video_id": meta["video_id"], "caption": meta["captions"][sample["__caption__"]]}
+            else:
+                label = meta
+        elif "cls" not in sample:
             raise ValueError("no cls member")
-        label = int(sample["cls"])
+        else:
+            label = int(sample["cls"])
         np_rng = np.random.default_rng(rng.getrandbits(64))
 
         def plan(n: int) -> np.ndarray:  # (clips, T) frame indices once the frame count is known
@@ -386,6 +427,39 @@ class ClipSpec:
             return self.transform(clip), label
         clip, flipped = self.transform.with_flip(clip)
         return clip, self.flip_labels.get(label, label) if flipped else label
+
+
+def caption_meta(sample: dict) -> dict:
+    """The {"video_id": str, "captions": [str, ...]} of a retrieval sample's json member (ValueError if malformed)."""
+    if "json" not in sample:
+        raise ValueError("no json member (retrieval shards hold KEY.json with video_id and captions)")
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as e:
+        raise ValueError(f"json member is not valid JSON: {e}") from None
+    caps = meta.get("captions") if isinstance(meta, dict) else None
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("video_id"), str)
+        or not isinstance(caps, list)
+        or not caps
+        or not all(isinstance(c, str) for c in caps)
+    ):
+        want = '{"video_id": str, "captions": [str, ...] (non-empty)}'
+        raise ValueError(f"json member: expected {want}, got {str(meta)[:200]}")
+    return {"video_id": meta["video_id"], "captions": caps}
+
+
+def _expand_captions(samples: Iterator[dict], skips: list) -> Iterator[dict]:
+    """One sample per (video, caption) pair: shallow copies (the video bytes are shared) with `__caption__`."""
+    for sample in samples:
+        try:
+            n = len(caption_meta(sample)["captions"])
+        except ValueError as e:
+            skips.append((f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}", str(e)[:300]))
+            continue
+        for i in range(n):
+            yield sample | {"__caption__": i}
 
 
 def flip_label_map(pairs: Sequence[Sequence[str]], names: Sequence[str]) -> dict[int, int]:
@@ -422,6 +496,7 @@ class ClipStream(IterableDataset):
         shuffle: bool,
         shuffle_buffer: int,
         keys: frozenset[str] | None = None,
+        pairs: bool = False,
     ) -> None:
         if not urls:
             raise ValueError("no shards given")
@@ -431,6 +506,7 @@ class ClipStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle, self.shuffle_buffer = resampled, shuffle, shuffle_buffer
         self.keys = keys  # a subset's sample keys: every other sample is dropped before the deal's filters
+        self.pairs = pairs  # retrieval training: one sample per (video, caption) pair, before the shuffle
         self.epoch = 0
 
     def __iter__(self) -> Iterator[tuple]:
@@ -457,6 +533,8 @@ class ClipStream(IterableDataset):
                 samples = (s for s in samples if s["__key__"] in self.keys)
             for part, parts in keep:
                 samples = itertools.islice(samples, part, None, parts)
+            if self.pairs:
+                samples = _expand_captions(samples, skips)
             if self.shuffle and self.shuffle_buffer > 1:  # per cycle: no sample of the next cycle comes out early
                 samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
             empty = True
@@ -500,7 +578,8 @@ def _collate(batch: list[tuple], skips: list) -> tuple:
     if not batch:
         return None, None, [], drained
     videos, labels, keys = zip(*batch, strict=True)
-    return torch.stack(videos), torch.tensor(labels, dtype=torch.int64), list(keys), drained
+    labels = list(labels) if isinstance(labels[0], dict) else torch.tensor(labels, dtype=torch.int64)  # captions
+    return torch.stack(videos), labels, list(keys), drained
 
 
 def _tar_samples(urls: Sequence[str], skips: list) -> Iterator[dict]:
@@ -620,9 +699,11 @@ def build_train_loader(
     resampled: bool = True,
     with_keys: bool = False,
     shards: str | None = None,
+    captions: bool = False,
 ) -> VideoLoader:
     """The training loader: yields (video uint8 (B, T, C, H, W), label int64 (B,)); `transforms.normalize` the video
-    on the device.
+    on the device. With `captions` (retrieval shards) one sample per (video, caption) pair and labels are a list of
+    {"video_id", "caption"}.
 
     Resampled mode deals one permutation of the shards per (seed, epoch) over all ranks x loader workers, so an epoch
     reads every shard once before any twice; a slot that has gone through its deal goes on with the next
@@ -647,7 +728,8 @@ def build_train_loader(
             "data.train_shards is empty: give a shard pattern, e.g. 'data/train/shard-{000000..000009}.tar'"
         )
     urls = expand_shards(shards)
-    _check_num_classes(cfg, shards)
+    if not captions:
+        _check_num_classes(cfg, shards)
     if rank == 0:
         _warn_few_shards(f"training shards {shards}", len(urls), world_size, cfg.num_workers)
     transform = train_transform(
@@ -665,13 +747,14 @@ def build_train_loader(
         crop_interpolation=cfg.crop_interpolation,
     )
     swap = {}
-    if cfg.flip and cfg.flip_label_pairs:
+    if cfg.flip and cfg.flip_label_pairs and not captions:
         try:
             swap = flip_label_map(cfg.flip_label_pairs, read_label_map(shards))
         except (OSError, ValueError) as e:
             raise ValueError(f"data.flip_label_pairs needs the class names of {shards}: {e}") from None
     clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=True, clips=1, transform=transform)
     clip.flip_labels, clip.repeats = swap, cfg.num_repeats
+    clip.target = "captions" if captions else "cls"
     stream = ClipStream(
         urls,
         clip,
@@ -683,8 +766,9 @@ def build_train_loader(
         shuffle=True,
         shuffle_buffer=cfg.shuffle_buffer,
         keys=subset_keys(shards),
+        pairs=captions,
     )
-    steps = steps_per_epoch(dataclasses.replace(cfg, train_shards=shards), world_size) if resampled else None
+    steps = steps_per_epoch(dataclasses.replace(cfg, train_shards=shards), world_size, captions) if resampled else None
     return VideoLoader(stream, num_workers=cfg.num_workers, steps=steps, epoch=epoch, with_keys=with_keys)
 
 
@@ -706,8 +790,10 @@ def build_eval_loader(
     world_size: int = 1,
     with_keys: bool = False,
     shards: str | None = None,
+    captions: bool = False,
 ) -> VideoLoader:
     """The evaluation loader: every sample of `cfg.val_shards` exactly once over all ranks and loader workers.
+    With `captions` (retrieval shards) labels are a list of {"video_id", "captions"}.
 
     Yields (video uint8 (B, V, T, C, H, W), label int64 (B,)) with V = test_clips x test_crops (clip-major) and
     B <= `cfg.eval_batch_size` (or `cfg.batch_size`); `transforms.normalize` the video on the device. The last partial
@@ -727,11 +813,13 @@ def build_eval_loader(
     if not shards:
         raise ValueError("data.val_shards is empty: give a shard pattern, e.g. 'data/val/shard-{000000..000003}.tar'")
     urls = expand_shards(shards)
-    _check_num_classes(cfg, shards)
+    if not captions:
+        _check_num_classes(cfg, shards)
     if rank == 0:
         _warn_few_shards(f"validation shards {shards}", len(urls), world_size, cfg.num_workers)
     transform = eval_transform_for(cfg)
     clip = ClipSpec(cfg.frames, cfg.sampler, cfg.stride, train=False, clips=cfg.test_clips, transform=transform)
+    clip.target = "captions" if captions else "cls"
     stream = ClipStream(
         urls,
         clip,

@@ -5,6 +5,9 @@ block outputs. The backbone runs under no_grad, so backward never touches it and
     for every tapped block j:
         tap_j (B, T, 1+L, D) --LN + Linear--> (cls_j, p_j);  s = (s + p_j) / 2;  s = side_block_j(s, cls_j)
     s --BN3d--> mean over T, H, W --> Dropout --> Linear --> (B, K)
+    retrieval (num_classes=0): s --BN3d--> mean over H, W --> (B, T, d) @ side_proj (zero init) --> + the backbone's
+        last-block class token of each frame --> ln_post --> @ proj --> per-frame embeddings (B, T, E)
+        (the reference's Retrieval/modules/module_clip.py; ln_post / proj are trainable copies, `FrameProjection`)
 
 Side block (CLIP variant, pre-norm): temporal conv branch (BN3d, 1x1x1, depthwise (k,1,1), 1x1x1) + [CLS]-shift
 attention (queries: patch tokens; keys/values: patches + the backbone class token shifted half forward / half
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from i2v.layers import from_video_grid, linear_head, to_video_grid
+from i2v.layers import FrameProjection, from_video_grid, linear_head, to_video_grid
 from i2v.methods import register_method
 from i2v.methods.base import VideoMethod
 
@@ -33,6 +36,11 @@ def shift_class_token(cls: torch.Tensor, T: int) -> torch.Tensor:
     out[:, :-1, :, :half] = c[:, 1:, :, :half]
     out[:, 1:, :, half:] = c[:, :-1, :, half:]
     return out.flatten(0, 1)
+
+
+def split_pos(pos: torch.Tensor, L: int) -> tuple[torch.Tensor | float, torch.Tensor]:
+    """(class-token row or 0, patch rows) of a side position table with L or 1 + L rows (`method.cls_pos`)."""
+    return (pos[:1], pos[1:]) if len(pos) > L else (0.0, pos)
 
 
 class SideBlock(nn.Module):
@@ -62,7 +70,8 @@ class SideBlock(nn.Module):
     def forward(self, s: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
         """s: (B*T, L, d) side state; cls: (B*T, 1, d) projected backbone class token; pos: (L, d)."""
         s = s + from_video_grid(self.temporal(to_video_grid(s, T, self.grid)))
-        kv = self.ln_attn(torch.cat([shift_class_token(cls, T), s + pos], dim=1))  # (B*T, 1+L, d)
+        cls_pos, pos = split_pos(pos, s.shape[1])
+        kv = self.ln_attn(torch.cat([shift_class_token(cls, T) + cls_pos, s + pos], dim=1))  # (B*T, 1+L, d)
         s = s + self.attn(kv[:, 1:], kv, kv, need_weights=False)[0]
         return s + self.mlp(from_video_grid(self.bn_mlp(to_video_grid(s, T, self.grid))))
 
@@ -91,7 +100,8 @@ class EVASideBlock(nn.Module):
     def forward(self, s: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
         """s: (B*T, L, d) side state; cls: (B*T, 1, d) projected backbone class token; pos: (L, d)."""
         s = s + from_video_grid(self.bn_conv(self.conv(to_video_grid(s, T, self.grid))))
-        kv = torch.cat([shift_class_token(cls, T), s + pos], dim=1)  # (B*T, 1+L, d)
+        cls_pos, pos = split_pos(pos, s.shape[1])
+        kv = torch.cat([shift_class_token(cls, T) + cls_pos, s + pos], dim=1)  # (B*T, 1+L, d)
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # (N, L, d) -> (N, heads, L, d / heads)
             return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
@@ -117,7 +127,7 @@ class Side4Video(VideoMethod):
         self.patch_embed = nn.Sequential(
             nn.Conv3d(3, d, (3, patch, patch), stride=(1, patch, patch), padding=(1, 0, 0)), nn.BatchNorm3d(d)
         )
-        self.pos = nn.Parameter(torch.randn(grid[0] * grid[1], d) * 0.01)
+        self.pos = nn.Parameter(torch.randn(cfg.cls_pos + grid[0] * grid[1], d) * 0.01)
         self.taps = nn.ModuleList(self._tap(D, d, cfg.tap_order) for _ in self.indices)
         eva = cfg.tap_order == "linear_norm"  # the EVA variant: Linear -> LN taps, post-norm blocks, no post_bn
         self.blocks = nn.ModuleList(
@@ -127,7 +137,11 @@ class Side4Video(VideoMethod):
             for _ in self.indices
         )
         self.post_bn = nn.Identity() if eva else nn.BatchNorm3d(d)
-        self.head = linear_head(d, num_classes, cfg.head_dropout)
+        if num_classes:
+            self.head = linear_head(d, num_classes, cfg.head_dropout)
+        else:  # retrieval: per-frame embeddings; zero init, so training starts from CLIP's own frame embeddings
+            self.side_proj = nn.Parameter(torch.zeros(d, D))
+            self.frame_proj = FrameProjection(backbone)
         self.grid = grid
         self.grad_checkpointing = cfg.grad_checkpointing
 
@@ -146,17 +160,24 @@ class Side4Video(VideoMethod):
         return {"pos"}
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) -> class logits (B, K), or with num_classes=0 frame embeddings (B, T, E)."""
         B, T = video.shape[:2]
+        last = len(self.backbone.blocks) - 1
+        indices = self.indices if self.num_classes or last in self.indices else [*self.indices, last]
         with torch.no_grad():
-            patches, prefix = self.backbone(video, self.indices)  # lists of (B, T, L, D), (B, T, 1, D)
+            patches, prefix = self.backbone(video, indices)  # lists of (B, T, L, D), (B, T, 1, D)
         dtype = self.pos.dtype
         s = from_video_grid(self.patch_embed(video.transpose(1, 2).to(dtype)))  # (B*T, L, d)
-        for tap, block, p, c in zip(self.taps, self.blocks, patches, prefix, strict=True):
+        n = len(self.indices)
+        for tap, block, p, c in zip(self.taps, self.blocks, patches[:n], prefix[:n], strict=True):
             t = tap(torch.cat([c[:, :, :1], p], dim=2).flatten(0, 1).to(dtype))  # (B*T, 1+L, d)
             s = 0.5 * s + 0.5 * t[:, 1:]
             if self.grad_checkpointing and self.training:
                 s = checkpoint(block, s, t[:, :1], self.pos, T, use_reentrant=False)
             else:
                 s = block(s, t[:, :1], self.pos, T)
+        if not self.num_classes:
+            side = self.post_bn(to_video_grid(s, T, self.grid)).mean((3, 4)).transpose(1, 2)  # (B, T, d)
+            return self.frame_proj(prefix[-1][:, :, 0].to(dtype) + side @ self.side_proj)  # (B, T, E)
         pooled = self.post_bn(to_video_grid(s, T, self.grid)).mean((2, 3, 4))  # (B, d)
         return self.head(pooled)

@@ -73,9 +73,10 @@ def check_dtype(module: nn.Module, precision: str, when: str) -> None:
 
 
 @torch.no_grad()
-def load_partitioned(visual: nn.Module, path: str) -> None:
-    """Copies into every ZeRO-3 parameter only this rank's flat slice of the checkpoint tensor."""
-    sd = read_checkpoint(path, mmap=True)
+def load_partitioned(visual: nn.Module, path: str, sd: dict[str, torch.Tensor] | None = None) -> None:
+    """Copies into every ZeRO-3 parameter only this rank's flat slice of the checkpoint tensor (`sd`: the state
+    dict to take, default the vision tower's of `path`, memory-mapped)."""
+    sd = read_checkpoint(path, mmap=True) if sd is None else sd
     names = dict(visual.named_parameters())
     missing, unexpected = sorted(set(names) - set(sd)), sorted(set(sd) - set(names) - set(dict(visual.named_buffers())))
     if missing or unexpected:
@@ -116,6 +117,31 @@ def build_partitioned_backbone(cfg: ExperimentCfg) -> VideoBackbone:
 
     embed_dim = model_config(cfg.backbone.name)[1]["embed_dim"]
     return VideoBackbone(visual, embed_dim, r.mean, r.std).freeze()
+
+
+def build_partitioned_text(cfg: ExperimentCfg):
+    """(TextEncoder, logit_scale) with the text tower partitioned as it is built, under the same dtype rules as
+    `build_partitioned_backbone` (retrieval)."""
+    import deepspeed
+
+    from i2v.text import TextEncoder, build_text_tower, read_text_checkpoint
+
+    r = resolve_backbone(cfg.backbone)
+    init = skip_init() if r.path else contextlib.nullcontext()
+    with init, deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, False)):
+        tower = build_text_tower(cfg.backbone.name, quick_gelu=r.quick_gelu)
+    tower.requires_grad_(False)
+    check_dtype(tower, cfg.backbone.precision, "after zero.Init")
+    scale = torch.tensor(1 / 0.07).log()
+    if r.path:
+        sd = read_text_checkpoint(r.path, mmap=True)
+        if "logit_scale" not in sd:
+            raise ValueError(
+                f"backbone.pretrained: {r.path} has no logit_scale (retrieval needs a full CLIP checkpoint)"
+            )
+        scale = sd.pop("logit_scale").float().reshape(())
+        load_partitioned(tower, r.path, sd)
+    return TextEncoder(tower, cfg.retrieval.max_words), scale
 
 
 def register_external_parameters(module: nn.Module, backbone: VideoBackbone) -> None:

@@ -22,8 +22,9 @@ SUMMARY_KEYS = ("val_top1", "val_top5", "epoch", "train_clips_per_s", "peak_mem_
 
 def validate(cfg: ExperimentCfg) -> None:
     """Everything that can be checked before a worker starts: the model builds (on meta), shards exist."""
+    from i2v.backbone import load_backbone
     from i2v.data import expand_shards, read_label_map
-    from i2v.methods import create_model
+    from i2v.tasks import get_task
 
     if cfg.train.num_workers < 1:
         raise ConfigError(f"train.num_workers: {cfg.train.num_workers} must be >= 1")
@@ -34,9 +35,14 @@ def validate(cfg: ExperimentCfg) -> None:
             "method.sync_bn: true needs GPU workers (train.use_gpu: true); torch's SyncBatchNorm does not train on CPU"
         )
     try:
-        create_model(cfg, device="meta")
+        get_task(cfg).build_model(cfg, load_backbone(cfg.backbone, device="meta"))
     except (ValueError, KeyError, NotImplementedError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
+    if cfg.task == "retrieval":
+        from i2v.tasks.retrieval import validate_data
+
+        validate_data(cfg)
+        return
     for key in ("train_shards", "val_shards"):
         pattern = getattr(cfg.data, key)
         if not pattern:
@@ -132,8 +138,8 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
 
     metrics = dict(result.metrics or {})
     latest = out / "eval" / "latest.json"  # per-class accuracy is not reported through Ray (scalars only)
-    per_class = json.loads(latest.read_text())["val_per_class"] if latest.is_file() else None
-    summary = {k: metrics.get(k) for k in SUMMARY_KEYS} | {
+    per_class = json.loads(latest.read_text()).get("val_per_class") if latest.is_file() else None
+    summary = {k: metrics.get(k) for k in SUMMARY_KEYS if cfg.task == "classification" or k in metrics} | {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
         "partition": cfg.backbone.partition,
@@ -143,6 +149,11 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
         "val_per_class": per_class,
         "run_dir": str(out),
     }
+    if cfg.task == "retrieval":  # the ten figures, counts, final vs best epoch (summary of eval/epoch_*.json)
+        from i2v.tasks.retrieval import run_summary
+
+        del summary["val_per_class"]
+        summary |= run_summary(cfg, out, metrics)
     if result.checkpoint is not None:
         final = out / "final.pt"
         shutil.copyfile(Path(result.checkpoint.path) / "state.pt", final.with_suffix(".pt.tmp"))
@@ -165,7 +176,10 @@ def run_training(
 
 
 def format_summary(summary: dict) -> str:
-    rows = [(k, summary.get(k)) for k in (*SUMMARY_KEYS, "steps", "method", "partition", "checkpoint")]
+    from i2v.tasks.retrieval import SUMMARY_KEYS as RETRIEVAL_KEYS
+
+    keys = (*RETRIEVAL_KEYS, "chance_r1", *SUMMARY_KEYS[2:]) if "t2v_r1" in summary else SUMMARY_KEYS
+    rows = [(k, summary.get(k)) for k in (*keys, "steps", "method", "partition", "checkpoint")]
     width = max(len(k) for k, _ in rows)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in rows)

@@ -26,13 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from i2v.backbone import load_backbone
 from i2v.config import ExperimentCfg
-from i2v.eval import evaluate
 from i2v.files import atomic_write
-from i2v.methods import create_method
+from i2v.tasks import get_task
 from i2v.train import checkpoint as ckpt
 from i2v.train.optim import build_optimizer, build_scheduler
 
@@ -69,13 +67,15 @@ def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM)
 
 
 class Trainer:
-    """The state of one worker: model, the three partition modes' step functions, metrics."""
+    """The state of one worker: model, the three partition modes' step functions, metrics. What a batch holds, the
+    loss and the evaluation come from the task (`i2v.tasks`)."""
 
     def __init__(self, cfg: ExperimentCfg, device: torch.device, rank: int, world: int, steps_per_epoch: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.steps_per_epoch = steps_per_epoch
         self.opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.train.accum_steps)  # the last window may be short
         self.zero3 = cfg.backbone.partition == "zero3"
+        self.task = get_task(cfg)
         seed_all(cfg.train.seed)  # identical trainable init on every rank
         if self.zero3:
             from i2v.train import deepspeed as ds
@@ -84,7 +84,7 @@ class Trainer:
             backbone = ds.build_partitioned_backbone(cfg)
         else:
             backbone = load_backbone(cfg.backbone)
-        model = create_method(cfg.method, backbone, num_classes=cfg.data.num_classes, num_frames=cfg.data.frames)
+        model = self.task.build_model(cfg, backbone)
         if getattr(cfg.method, "sync_bn", False):  # batch statistics over all ranks (same state dict as BatchNorm)
             for name, child in model.named_children():
                 if name != "backbone":
@@ -127,19 +127,17 @@ class Trainer:
         self.step, self.step_in_epoch = 0, 0
 
     # -- one optimisation step ------------------------------------------------------------------------------------
-    def train_step(
-        self, video: torch.Tensor, label: torch.Tensor, boundary: bool, window: int | None = None
-    ) -> tuple[float, float]:
-        """One micro-batch; the optimizer steps at `boundary` with the gradient of the mean loss over the window.
-        `window`: micro-batches in this accumulation window (the last one of an epoch may be shorter than
-        `train.accum_steps`)."""
+    def train_step(self, inputs: tuple, target, boundary: bool, window: int | None = None) -> tuple[float, dict]:
+        """One micro-batch (`task.prepare`'s inputs and target); the optimizer steps at `boundary` with the gradient
+        of the mean loss over the window. `window`: micro-batches in this accumulation window (the last one of an
+        epoch may be shorter than `train.accum_steps`). Returns the loss and the task's per-batch sums."""
         window = window or self.cfg.train.accum_steps
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)  # one tensor: a classification clip batch
         ddp = isinstance(self.forward, torch.nn.parallel.DistributedDataParallel)
         # DDP all-reduces gradients only at the window's last micro-batch; the others accumulate locally.
         with self.forward.no_sync() if ddp and not boundary else contextlib.nullcontext():
             with self.autocast:
-                logits = self.forward(video)
-                loss = F.cross_entropy(logits.float(), label, label_smoothing=self.cfg.train.label_smoothing)
+                loss, stats = self.task.loss(self.forward(*inputs), target)
             if self.engine is not None:  # DeepSpeed owns accumulation, clipping, the optimizer and the schedule
                 self.engine.set_gradient_accumulation_boundary(boundary)  # our windows, not its own micro-step count
                 # Divided by the actual window, not by its gradient_accumulation_steps (a short last window of an
@@ -154,8 +152,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        correct = (logits.argmax(-1) == label).float().sum().item()
-        return loss.item(), correct
+        return loss.item(), stats
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers outside the frozen backbone (BatchNorm statistics) on every rank. DDP broadcasts buffers
@@ -170,10 +167,9 @@ class Trainer:
     def evaluate(self, loader) -> dict:
         self.sync_buffers()
         self.model.eval()
-        metrics = evaluate(
+        metrics = self.task.evaluate(
             self.engine if self.engine is not None else self.model,  # not through DDP (no buffer broadcasts)
             loader,
-            self.cfg.data.num_classes,
             self.device,
             mean=self.model.backbone.mean,
             std=self.model.backbone.std,
@@ -201,7 +197,6 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from i2v.console import configure
-    from i2v.data import build_eval_loader, build_train_loader, normalize, steps_per_epoch
 
     configure(config.get("verbose", False))  # this worker is its own process: console filters apply here too
     cfg = ExperimentCfg.from_dict(config["cfg"])
@@ -216,7 +211,8 @@ def train_fn_per_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
-    steps = steps_per_epoch(cfg.data, world)
+    task = get_task(cfg)
+    steps = task.steps_per_epoch(cfg.data, world)
     # DeepSpeed print()s "DeepSpeed ... op built successfully" while it sets up (Ray tees print to stdout).
     with contextlib.redirect_stdout(sys.stdout if config.get("verbose") else io.StringIO()):
         t = Trainer(cfg, device, rank, world, steps)
@@ -231,7 +227,7 @@ def train_fn_per_worker(config: dict) -> None:
             _logger.info("resumed from %s at epoch %d step %d", checkpoint.path, start_epoch, t.step)
 
     mean, std = t.model.backbone.mean, t.model.backbone.std
-    val_loader = build_eval_loader(cfg.data, rank=rank, world_size=world) if cfg.data.val_shards else None
+    val_loader = task.eval_loader(cfg.data, rank=rank, world_size=world) if cfg.data.val_shards else None
     writer = None
     if rank == 0:
         from tensorboardX import SummaryWriter
@@ -244,7 +240,7 @@ def train_fn_per_worker(config: dict) -> None:
         if not skip_steps:
             seed_all(cfg.train.seed * 1_000_003 + epoch * 1_009 + rank)
         remaining = steps - skip_steps
-        loader = build_train_loader(
+        loader = task.train_loader(
             cfg.data,
             rank=rank,
             world_size=world,
@@ -256,9 +252,10 @@ def train_fn_per_worker(config: dict) -> None:
             from tqdm import tqdm
 
             bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=10)
-        loss_sum = correct = clips = 0.0
+        loss_sum = clips = 0.0
+        sums: dict[str, float] = {}
         started = time.perf_counter()
-        for i, (video, label) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if i >= remaining:
                 break
             t.step_in_epoch = skip_steps + i + 1
@@ -266,12 +263,12 @@ def train_fn_per_worker(config: dict) -> None:
             accum = cfg.train.accum_steps
             boundary = t.step_in_epoch % accum == 0 or t.step_in_epoch == steps
             window = min(accum, steps - (t.step_in_epoch - 1) // accum * accum)
-            video = normalize(video.to(t.device, non_blocking=True), mean, std)  # uint8 on the wire, float here
-            loss, ok = t.train_step(video, label.to(t.device, non_blocking=True), boundary, window)
+            inputs, target, n = task.prepare(batch, t.device, mean, std)  # uint8 on the wire, float there
+            loss, stats = t.train_step(inputs, target, boundary, window)
             t.step += 1
-            loss_sum += loss * len(label)
-            correct += ok
-            clips += len(label)
+            loss_sum += loss * n
+            sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+            clips += n
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redraw every mininterval, not every step
@@ -286,14 +283,14 @@ def train_fn_per_worker(config: dict) -> None:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - started
-        loss_sum, correct, clips = _all_reduce([loss_sum, correct, clips], device)
+        loss_sum, clips, *totals = _all_reduce([loss_sum, clips, *sums.values()], device)
         (elapsed,) = _all_reduce([elapsed], device, dist.ReduceOp.MAX)
         (peak,) = _all_reduce([peak_mem_mb(device)], device, dist.ReduceOp.MAX)
         metrics = {
             "epoch": epoch + 1,
             "step": t.step,
             "loss": loss_sum / max(clips, 1),
-            "train_top1": correct / max(clips, 1),
+            **{k: v / max(clips, 1) for k, v in zip(sums, totals)},
             "train_clips_per_s": clips / max(elapsed, 1e-9),
             "peak_mem_mb": peak,
             "lr": t.optimizer.param_groups[0]["lr"],
@@ -301,9 +298,9 @@ def train_fn_per_worker(config: dict) -> None:
         }
         if val_loader is not None:
             metrics.update(t.evaluate(val_loader))
-            details = {k: metrics.pop(k) for k in ("val_per_class", "confusion")}  # reports carry scalars only
+            details = {k: metrics.pop(k) for k in task.details if k in metrics}  # reports carry scalars only
             if rank == 0:
-                write_eval_details(run_dir, metrics, details)
+                task.write_details(run_dir, metrics, details)
         skip_steps = 0
         t.step_in_epoch = 0
         if writer is not None:
@@ -311,17 +308,17 @@ def train_fn_per_worker(config: dict) -> None:
                 if isinstance(v, (int, float)):
                     writer.add_scalar(k, v, t.step)
             writer.flush()
-            _logger.info("%s", epoch_line(metrics, cfg.train.epochs))
+            _logger.info("%s", epoch_line(metrics, cfg.train.epochs, task))
         _report(t, metrics, epoch + 1, run_dir)
     if writer is not None:
         writer.close()
 
 
-def epoch_line(m: dict, epochs: int) -> str:
+def epoch_line(m: dict, epochs: int, task=None) -> str:
     """The one console line of an epoch, e.g. `epoch 2/4  loss 0.612  train top-1 0.703  val top-1 0.875 ...`."""
-    line = f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  train top-1 {m['train_top1']:.4f}"
-    if "val_top1" in m:
-        line += f"  val top-1 {m['val_top1']:.4f}"
+    from i2v.tasks.classification import ClassificationTask
+
+    line = f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  {(task or ClassificationTask).epoch_line(m)}"
     line += f"  {m['train_clips_per_s']:.1f} clips/s  peak {m['peak_mem_mb']:.0f} MB"
     return line + (f"  skipped {m['skipped']}" if m["skipped"] else "")
 
