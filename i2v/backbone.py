@@ -370,8 +370,10 @@ class VideoBackbone(nn.Module):
         """
         if self._shared is None or torch.is_grad_enabled():
             return self._forward(video, indices, pooled)
-        # The entry holds `video`, so no other tensor can take its memory (and its key) while the entry lives.
-        key = (video.data_ptr(), video.shape, video.stride(), video.dtype, video.device, video._version)
+        # The same storage (its C++ object: also defined for fake tensors) viewed the same way, unchanged since. The
+        # entry holds `video`, so no other tensor can take its storage (and its key) while the entry lives.
+        view = (video.storage_offset(), video.shape, video.stride(), video.dtype, video._version)
+        key = (video.untyped_storage()._cdata, *view)
         if self._shared.get("key") != key:
             self._shared = {"key": key, "video": video}
         request = ("pooled",) if pooled else tuple(self.take_indices(indices))
