@@ -74,10 +74,10 @@ def test_the_backbone_runs_once_per_video_and_request_inside_shared_outputs():
     assert len(calls) == 8
 
 
-def _train(cfg, batches, calls: list | None = None) -> Trainer:
+def _train(cfg, batches, calls: list | None = None, rank: int = 0, world: int = 1) -> Trainer:
     """One epoch as train_fn_per_worker runs it: seeded, then STEPS micro-batches in windows of ACCUM; `calls` counts
     the backbone's forwards."""
-    t = Trainer(cfg, torch.device("cpu"), 0, 1, STEPS)
+    t = Trainer(cfg, torch.device("cpu"), rank, world, STEPS)
     if calls is not None:
         t.backbone.blocks[0].register_forward_hook(lambda *_: calls.append(1))
     seed_all(123)
@@ -112,3 +112,47 @@ def test_each_member_ends_with_the_weights_of_its_solo_run_and_a_diverging_one_i
         not torch.equal(a, b)
         for a, b in zip(cohort.members[0].model.parameters(), cohort.members[2].model.parameters())
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2 ranks over gloo, ZeRO-3 recipe A: the backbone partitioned in one optimizer-less engine, every member in its own
+# DDP. The same equality, with DDP's gradient averaging and ZeRO-3's gathers in the loop.
+
+
+def _worker(rank: int, port: int, members: str, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(rank)  # every rank its own data
+    batches = [
+        (torch.randn(2, 4, 3, 32, 32, generator=g), torch.randint(0, 5, (2,), generator=g)) for _ in range(STEPS)
+    ]
+    cfg = tiny_cfg("side4video", members, f"train.accum_steps={ACCUM}", "backbone.partition=zero3")
+    cohort = _train(cfg, batches, rank=rank, world=2)
+    assert all(isinstance(m.forward, torch.nn.parallel.DistributedDataParallel) for m in cohort.members)
+    solo = [_train(m, batches, rank=rank, world=2).model.trainable_state_dict() for m in member_configs(cfg)]
+    out[rank] = {"cohort": [m.model.trainable_state_dict() for m in cohort.members], "solo": solo}
+    dist.destroy_process_group()
+
+
+def test_members_on_a_zero3_backbone_in_ddp_end_as_their_solo_runs():
+    import torch.multiprocessing as mp
+    from test_trainer_step import _free_port
+
+    members = "train.cohort=[{}, {method.side_width: 48, train.lr: 3.0e-3}, {method.name: linear_probe}]"
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), members, out), nprocs=2, join=True)
+    for rank in range(2):
+        for k, (got, solo) in enumerate(zip(out[rank]["cohort"], out[rank]["solo"], strict=True)):
+            assert got.keys() == solo.keys()
+            for name in solo:
+                torch.testing.assert_close(got[name], solo[name], rtol=0, atol=0, msg=f"rank {rank} member {k} {name}")
+    # the ranks agree on every member's weights (BatchNorm statistics stay per rank until they are synchronised)
+    for k, got in enumerate(out[1]["cohort"]):
+        weights = [n for n in got if "running_" not in n and "num_batches" not in n]
+        assert all(torch.equal(got[n], out[0]["cohort"][k][n]) for n in weights), k
