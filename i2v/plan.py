@@ -59,8 +59,8 @@ def measure_step(cfg: ExperimentCfg, batches: Iterable[int] = (1, 2), amp: bool 
 
     Returns:
         Byte counts: `frozen`, `trainable` (weights, all members), `largest_block` (backbone block weights), and per
-        batch size `saved` (kept for backward) and `live` (step peak, as `i2v.bench.LiveBytes`), plus
-        `backbone_no_grad`, `blocks`, `frames`, `tokens` (per frame), `members`.
+        batch size `saved` (kept for backward; a cohort's: the largest member's) and `live` (step peak, as
+        `i2v.bench.LiveBytes`), plus `backbone_no_grad`, `blocks`, `frames`, `tokens` (per frame), `members`.
     """
     from i2v.methods import create_method, create_model
 
@@ -94,18 +94,26 @@ def measure_step(cfg: ExperimentCfg, batches: Iterable[int] = (1, 2), amp: bool 
                     child.to_empty(device="cpu")
         weights = list({id(t): t for mod in models for t in (*mod.parameters(), *mod.buffers())}.values())
 
-        def step(video: torch.Tensor, labels: torch.Tensor) -> None:
+        def step(video: torch.Tensor, labels: torch.Tensor) -> int:
+            """The step; returns the bytes saved for backward by the member that saves most (members back-propagate
+            in turn, so no two members' saved activations are alive at once)."""
+            saved = 0
             with backbone.shared_outputs():
                 for mod in models:
-                    with autocast:
-                        logits = mod(video)
-                    F.cross_entropy(logits.float(), labels).backward()
+
+                    def member(mod: torch.nn.Module = mod) -> None:
+                        with autocast:
+                            logits = mod(video)
+                        F.cross_entropy(logits.float(), labels).backward()
+
+                    saved = max(saved, saved_bytes(member, weights))
+            return saved
 
         for B in batches:
             video = torch.empty(B, cfg.data.frames, 3, *backbone.image_size)
             labels = torch.zeros(B, dtype=torch.long)
             with LiveBytes() as live:
-                out["saved"][B] = saved_bytes(lambda: step(video, labels), weights)  # noqa: B023
+                out["saved"][B] = step(video, labels)
             out["live"][B] = live.peak
             for mod in models:
                 mod.zero_grad(set_to_none=True)
