@@ -269,6 +269,7 @@ class VideoBackbone(nn.Module):
         self.output_dim = output_dim  # width of the pooled image embedding, `visual(images)`
         self.mean, self.std = tuple(mean), tuple(std)
         self.frozen = False
+        self._shared: dict | None = None  # see shared_outputs
 
     # -- structure ------------------------------------------------------------------------------------------------
     @property
@@ -349,6 +350,17 @@ class VideoBackbone(nn.Module):
         take, _ = feature_take_indices(len(self.blocks), indices)
         return sorted(take)
 
+    @contextlib.contextmanager
+    def shared_outputs(self) -> Iterator[None]:
+        """Inside the block, no-grad calls with the same video tensor and the same request run the tower once and
+        return that one result to every caller: the members of a cohort (i2v/cohort.py), side networks that each call
+        the backbone as they would alone, read one forward per batch. Only the latest video's outputs are kept."""
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
+
     def forward(self, video: torch.Tensor, indices: int | list[int] | None = None, pooled: bool = False):
         """Per-layer tokens of a video, or with `pooled=True` the image embedding of every frame.
 
@@ -362,6 +374,20 @@ class VideoBackbone(nn.Module):
         Returns:
             (patch tokens, prefix tokens): lists with one (B, T, L, D) / (B, T, P, D) tensor per index, in block order.
         """
+        if self._shared is None or torch.is_grad_enabled():
+            return self._forward(video, indices, pooled)
+        # The same storage (its C++ object: also defined for fake tensors) viewed the same way, unchanged since. The
+        # entry holds `video`, so no other tensor can take its storage (and its key) while the entry lives.
+        view = (video.storage_offset(), video.shape, video.stride(), video.dtype, video._version)
+        key = (video.untyped_storage()._cdata, *view)
+        if self._shared.get("key") != key:
+            self._shared = {"key": key, "video": video}
+        request = ("pooled",) if pooled else tuple(self.take_indices(indices))
+        if request not in self._shared:
+            self._shared[request] = self._forward(video, indices, pooled)
+        return self._shared[request]
+
+    def _forward(self, video: torch.Tensor, indices: int | list[int] | None, pooled: bool):
         video = video.to(self.dtype)
         if pooled:
             return self.embed_frames(video)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import logging
@@ -314,6 +315,109 @@ def infer_worker(spec: dict) -> dict:
     }
 
 
+def cohort_worker(spec: dict) -> list[dict]:
+    """A K-member cohort step (one backbone forward, K side networks) against K separate single-member steps (K
+    backbone forwards), for every K in `spec["sizes"]`, side by side in this one process: the measurements take
+    turns, so machine load hits both alike. Members are copies of the row's config, each with its own weights and
+    AdamW state."""
+    from i2v.methods import create_method
+
+    device, cfg, model, video, labels = _setup(spec)
+    amp, sizes = spec.get("amp", False), spec["sizes"]
+    members = [model] + [
+        create_method(cfg.method, model.backbone, num_classes=cfg.data.num_classes, num_frames=cfg.data.frames)
+        for _ in range(max(sizes) - 1)
+    ]
+    for m in members:
+        m.to(device).train()
+    opts = [torch.optim.AdamW(m.trainable_parameters(), lr=1e-4) for m in members]
+
+    def cohort(k: int) -> None:
+        with model.backbone.shared_outputs():
+            for m, opt in zip(members[:k], opts, strict=False):
+                train_step(m, opt, video, labels, amp=amp)
+
+    def separate(k: int) -> None:
+        for m, opt in zip(members[:k], opts, strict=False):
+            train_step(m, opt, video, labels, amp=amp)
+
+    for _ in range(spec["warmup"]):
+        cohort(max(sizes))
+    times = {(kind, k): [] for kind in ("cohort", "separate") for k in sizes}
+    for _ in range(spec["steps"]):
+        for k in sizes:
+            for kind, fn in (("cohort", cohort), ("separate", separate)):
+                times[kind, k].append(timed(lambda fn=fn, k=k: fn(k), device)[:2])
+    MiB = lambda ts: sum(t.numel() * t.element_size() for t in ts) / MB  # noqa: E731
+    frozen = MiB(model.backbone.parameters())
+    member_mb = MiB(members[0].trainable_parameters()) * 3  # weights + AdamW m, v
+    records = []
+    for k in sizes:
+        with LiveBytes() as live:
+            cohort(k)
+        with LiveBytes() as single:
+            separate(1)
+        wall = {kind: statistics.median(t for t, _ in times[kind, k]) for kind in ("cohort", "separate")}
+        cpu = {kind: statistics.median(c for _, c in times[kind, k]) for kind in ("cohort", "separate")}
+        records.append(
+            {
+                "cohort": k,
+                "step_s": wall["cohort"],
+                "separate_step_s": wall["separate"],
+                "ratio": wall["cohort"] / wall["separate"],
+                "step_cpu_s": cpu["cohort"],
+                "separate_step_cpu_s": cpu["separate"],
+                "cpu_ratio": cpu["cohort"] / cpu["separate"],
+                # bytes held: one backbone + k members, against k runs that each hold a backbone and a member
+                "weights_mb": frozen + k * member_mb,
+                "separate_weights_mb": k * (frozen + member_mb),
+                # step peak of live tensors: the cohort step, against one separate run's step
+                "peak_live_mb": live.peak / MB,
+                "separate_peak_live_mb": single.peak / MB,
+                "method": spec["row"],
+                "backbone": cfg.backbone.name,
+                "frames": cfg.data.frames,
+                "batch": spec["batch"],
+                "overrides": list(spec["overrides"]),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    return records
+
+
+def cohort_flops(cfg: ExperimentCfg, batch: int = 1) -> dict:
+    """FLOPs of one training step on the meta device (nothing allocated, any backbone): the frozen backbone's no-grad
+    forward (`backbone`) and one member's side network, forward and backward (`side`: the whole step minus the
+    backbone), per `batch` clips."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from i2v.methods import create_model
+
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, precision="fp32"))  # counts only
+    model = create_model(cfg, device="meta").train()
+    video = torch.empty(batch, cfg.data.frames, 3, *model.backbone.image_size, device="meta")
+    labels = torch.zeros(batch, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(model(video), labels).backward()
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as forward:
+            model(video)
+        with model.backbone.shared_outputs():
+            model(video)  # the backbone's outputs for this request are kept ...
+            with FlopCounterMode(display=False) as side_forward:
+                model(video)  # ... so this forward is the side network's alone
+    backbone = forward.get_total_flops() - side_forward.get_total_flops()
+    return {"backbone": backbone, "side": step.get_total_flops() - backbone}
+
+
+def project_cohort(flops: dict, sizes: Iterable[int]) -> list[dict]:
+    """Step-time ratio of a k-member cohort to k separate runs if time followed FLOPs:
+    (backbone + k side) / (k (backbone + side))."""
+    b, s = flops["backbone"], flops["side"]
+    return [{"cohort": k, "flop_ratio": (b + k * s) / (k * (b + s))} for k in sizes]
+
+
 def run_isolated(spec: dict) -> dict:
     """Runs one worker in a fresh Python process and returns its record."""
     proc = subprocess.run(
@@ -505,6 +609,111 @@ def write_outputs(records: list[dict], json_path: str | Path, kind: str) -> list
 # CLI
 
 
+def bench_cohort(
+    backbone: str,
+    method: str = "side4video",
+    sizes: Iterable[int] = (1, 2, 4),
+    frames: int = 8,
+    batch: int = 2,
+    device: str = "cpu",
+    steps: int = 3,
+    warmup: int = 1,
+    num_classes: int = 400,
+    overrides: Iterable[str] = (),
+    threads: int = 0,
+    amp: bool = False,
+    project: str | None = "EVA02-E-14",
+) -> dict:
+    """Cohort steps against separate steps (one subprocess, `cohort_worker`), with the FLOP model's ratio for the
+    measured backbone and its projection to `project`.
+
+    Returns:
+        {"rows": one record per cohort size, "projection": {"backbone", "backbone_gflops", "side_gflops", "rows"}}.
+    """
+    sizes = sorted(set(sizes))
+    spec = dict(row=method, backbone=backbone, frames=frames, batch=batch, device=device, steps=steps, warmup=warmup)
+    spec |= dict(num_classes=num_classes, overrides=list(overrides), threads=threads, amp=amp, mode="cohort")
+    rows = run_isolated(spec | {"sizes": sizes})
+    flops = cohort_flops(row_config(method, backbone, frames, num_classes, overrides))
+    for r, p in zip(rows, project_cohort(flops, sizes), strict=True):
+        r["flop_ratio"] = p["flop_ratio"]
+        _logger.info(
+            "cohort %d: %.2f s vs %.2f s separate (ratio %.2f)",
+            r["cohort"],
+            r["step_s"],
+            r["separate_step_s"],
+            r["ratio"],
+        )
+    out = {"rows": rows, "projection": None}
+    if project:
+        flops = cohort_flops(row_config(method, project, frames, num_classes, overrides))
+        out["projection"] = {
+            "backbone": project,
+            "backbone_gflops": flops["backbone"] / 1e9,
+            "side_gflops": flops["side"] / 1e9,
+            "rows": project_cohort(flops, sizes),
+        }
+    return out
+
+
+def markdown_cohort(result: dict) -> str:
+    r0 = result["rows"][0]
+    lines = [
+        f"{Path(r0['backbone']).stem}, {r0['method']} {' '.join(r0['overrides'])}, {r0['frames']} frames, batch "
+        f"{r0['batch']}, {r0['device']}",
+        "",
+        "| K | cohort step s | K separate steps s | ratio | CPU ratio | FLOP ratio | weights + AdamW MB (cohort / "
+        "separate) | step peak live MB (cohort / one run) |",
+        "|---:" * 8 + "|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['cohort']} | {r['step_s']:.2f} | {r['separate_step_s']:.2f} | **{r['ratio']:.2f}** | "
+            f"{r['cpu_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['weights_mb']:,.0f} / {r['separate_weights_mb']:,.0f}"
+            f" | {r['peak_live_mb']:,.0f} / {r['separate_peak_live_mb']:,.0f} |"
+        )
+    p = result["projection"]
+    if p:
+        lines += [
+            "",
+            f"Projected from FLOPs for {p['backbone']} (backbone {p['backbone_gflops']:,.0f} GFLOPs no-grad forward, "
+            f"side network {p['side_gflops']:,.0f} GFLOPs forward + backward per clip):",
+            "",
+            "| K | FLOP ratio |",
+            "|---:|---:|",
+            *(f"| {q['cohort']} | {q['flop_ratio']:.3f} |" for q in p["rows"]),
+        ]
+    return "\n".join(lines)
+
+
+def _cohort_cmd(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = bench_cohort(
+        args.backbone,
+        method=args.method,
+        sizes=args.sizes,
+        frames=args.frames,
+        batch=args.batch,
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        num_classes=args.num_classes,
+        overrides=args.set,
+        threads=args.threads,
+        amp=args.amp,
+        project=args.project or None,
+    )
+    md = markdown_cohort(result)
+    print(md)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(md + "\n")
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kind = args.bench_command
@@ -552,13 +761,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         p.set_defaults(func=_cmd)
     p = sub.choices["train"]
     p.add_argument("--amp", action="store_true", help="bf16 autocast (e.g. with --set backbone.precision=bf16)")
+    p = sub.add_parser("cohort", help="a K-member cohort step against K separate steps, and the FLOP projection")
+    p.add_argument("--backbone", default="ViT-B-16", help="open_clip model name or model-config .json")
+    p.add_argument("--method", default="side4video", help="a side-network method (or preset) the members copy")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="cohort sizes K")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2, help="clips per step")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per size and kind (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured cohort steps first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every member")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (e.g. with --set backbone.precision=bf16)")
+    p.add_argument("--project", default="EVA02-E-14", help="backbone to project the FLOP ratio to ('' for none)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write PATH (+ .md table)")
+    p.set_defaults(func=_cohort_cmd)
     return parser
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_worker"]:
         spec = json.loads(sys.argv[2])
-        print(json.dumps((infer_worker if spec.get("mode") == "infer" else train_worker)(spec)))
+        workers = {"infer": infer_worker, "cohort": cohort_worker}
+        print(json.dumps(workers.get(spec.get("mode"), train_worker)(spec)))
         sys.exit(0)
     _parser = argparse.ArgumentParser(prog="python -m i2v.bench")
     add_parser(_parser.add_subparsers(dest="command", required=True))

@@ -250,8 +250,17 @@ class TrainCfg:
     warmup_start: float = 0.0  # lr factor the linear warm-up starts from (ZeroI2V: 0.1)
     # cosine: after the warm-up, per iteration; cosine_epoch: over all epochs from 0, per epoch, x warm-up (mmengine)
     schedule: Literal["cosine", "cosine_epoch"] = "cosine"
+    # Cohort training (i2v/cohort.py): one mapping of dotted overrides per member, e.g. [{method.side_width: 64},
+    # {method.side_width: 128, train.lr: 3.0e-3}]; the members train side networks on one frozen backbone forward
+    # per batch and may differ only in method.* and the optimiser keys (cohort.MEMBER_TRAIN_KEYS). [] = one run.
+    cohort: list[dict[str, Any]] = field(default_factory=list)
+    # In-cohort successive halving: after the epochs 1, f, f^2, ... (before the last) the members still training
+    # keep on only if their val top-1 is among the best ceil(n / f) (ASHA's rungs inside one run); 0 = off.
+    cohort_halving: int = 0
 
     def __post_init__(self):
+        if self.cohort_halving < 0 or self.cohort_halving == 1:
+            raise ValueError(f"cohort_halving: {self.cohort_halving} must be 0 (off) or a reduction factor >= 2")
         if not 0.0 <= self.warmup_start <= 1.0:
             raise ValueError(f"warmup_start: {self.warmup_start} must be in [0, 1]")
         if self.grad_clip < 0:
@@ -410,6 +419,8 @@ def _build(cls: type, d: Any, prefix: str, source: str):
 
 def _coerce(v: Any, tp: Any, key: str, source: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return v
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, key, source)
     if origin is Literal:

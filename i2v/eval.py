@@ -32,8 +32,15 @@ def view_probs(forward: Callable, video: torch.Tensor, autocast=None) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(
-    forward: Callable,
+def evaluate(forward: Callable, batches: Iterable, num_classes: int, device: torch.device, **kwargs) -> dict:
+    """Top-1 / top-5 / per-class accuracy and the confusion matrix of one model, summed over all ranks (see
+    `evaluate_many` for the arguments)."""
+    return evaluate_many([forward], batches, num_classes, device, **kwargs)[0]
+
+
+@torch.no_grad()
+def evaluate_many(
+    forwards: Sequence[Callable],
     batches: Iterable,
     num_classes: int,
     device: torch.device,
@@ -42,25 +49,29 @@ def evaluate(
     std: Sequence[float],
     lockstep: bool = False,
     autocast=None,
-) -> dict:
-    """Top-1 / top-5 / per-class accuracy and the confusion matrix, summed over all ranks.
+) -> list[dict]:
+    """The metrics of `evaluate` for several models on one pass over the batches (a cohort's members: each batch is
+    read and normalised once, and under `VideoBackbone.shared_outputs` the backbone runs once for all of them).
 
     Args:
-        forward: The model (or its engine).
+        forwards: The models (or their engines).
         batches: (video uint8 (B, V, T, C, H, W), label (B,)) pairs as the eval loader yields them; each rank passes
             its own share.
         num_classes: K.
-        device: Where the model runs.
+        device: Where the models run.
         mean: The backbone's input mean (`model.backbone.mean`), for `normalize` on the device.
         std: The backbone's input std.
         lockstep: Every rank runs the same number of forwards (ZeRO-3: forwards are collectives); a rank whose share
             is exhausted runs dummy batches until all are.
         autocast: Autocast context for the forward.
+
+    Returns:
+        One dict per model: `val_top1`, `val_top5`, `val_clips`, `val_per_class`, `confusion`.
     """
-    K = num_classes
+    K, M = num_classes, len(forwards)
     # Counts live on the device: NCCL all-reduces no CPU tensors.
-    confusion = torch.zeros(K, K, dtype=torch.float64, device=device)
-    top5 = torch.zeros(1, dtype=torch.float64, device=device)
+    confusion = torch.zeros(M, K, K, dtype=torch.float64, device=device)
+    top5 = torch.zeros(M, dtype=torch.float64, device=device)
     it = iter(batches)
     while True:
         batch = next(it, None)
@@ -71,28 +82,35 @@ def evaluate(
             if not info[0]:
                 break
             if batch is None:
-                view_probs(forward, torch.zeros(info[1:].long().tolist(), device=device), autocast)
+                dummy = torch.zeros(info[1:].long().tolist(), device=device)
+                for forward in forwards:
+                    view_probs(forward, dummy, autocast)
                 continue
         elif batch is None:
             break
         video = normalize(batch[0].to(device, non_blocking=True), mean, std)
         label = batch[1].long().to(device, non_blocking=True)
-        probs = view_probs(forward, video, autocast)
         ones = torch.ones(len(label), dtype=torch.float64, device=device)
-        confusion.index_put_((label, probs.argmax(-1)), ones, accumulate=True)
-        top5 += (probs.topk(min(5, K), -1).indices == label[:, None]).any(-1).sum()
+        for i, forward in enumerate(forwards):
+            probs = view_probs(forward, video, autocast)
+            confusion[i].index_put_((label, probs.argmax(-1)), ones, accumulate=True)
+            top5[i] += (probs.topk(min(5, K), -1).indices == label[:, None]).any(-1).sum()
     if dist.is_initialized():
         dist.all_reduce(confusion)
         dist.all_reduce(top5)
-    confusion, top5 = confusion.cpu(), top5.cpu()
-    n = confusion.sum().item()
-    return {
-        "val_top1": confusion.diag().sum().item() / max(n, 1),
-        "val_top5": top5.item() / max(n, 1),
-        "val_clips": int(n),
-        "val_per_class": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
-        "confusion": confusion.long().tolist(),
-    }
+    out = []
+    for c, t5 in zip(confusion.cpu(), top5.cpu().tolist(), strict=True):
+        n = c.sum().item()
+        out.append(
+            {
+                "val_top1": c.diag().sum().item() / max(n, 1),
+                "val_top5": t5 / max(n, 1),
+                "val_clips": int(n),
+                "val_per_class": (c.diag() / c.sum(1).clamp(min=1)).tolist(),
+                "confusion": c.long().tolist(),
+            }
+        )
+    return out
 
 
 def load_trained(checkpoint: str | Path, overrides: list[str] = ()) -> tuple[VideoMethod, ExperimentCfg]:

@@ -42,19 +42,36 @@ from i2v.config import ExperimentCfg
 GB: Final = 2**30
 
 
-def measure_step(cfg: ExperimentCfg, batches: Iterable[int] = (1, 2), amp: bool = False) -> dict:
-    """Runs forward, loss and backward of `cfg` on fake tensors, once per batch size.
+def cohort_members(cfg: ExperimentCfg, cohort: int = 1) -> list[ExperimentCfg]:
+    """The member configs a step trains: `train.cohort`'s members, else `cohort` copies of `cfg`."""
+    from i2v.cohort import member_configs
+
+    if cfg.train.cohort and cohort > 1:
+        raise ValueError(f"--cohort {cohort}: the config already lists its members (train.cohort); give one of the two")
+    return member_configs(cfg) if cfg.train.cohort else [cfg] * cohort
+
+
+def measure_step(cfg: ExperimentCfg, batches: Iterable[int] = (1, 2), amp: bool = False, cohort: int = 1) -> dict:
+    """Runs forward, loss and backward of `cfg` on fake tensors, once per batch size. A cohort (`train.cohort`, or
+    `cohort` copies of `cfg`) runs as the trainer runs it: one backbone forward shared by all members
+    (`VideoBackbone.shared_outputs`), then each member's forward and backward in turn; every member's gradients stay
+    alive to the end of the step, as they do between the micro-batches of an accumulation window.
 
     Returns:
-        Byte counts: `frozen`, `trainable` (weights), `largest_block` (backbone block weights), and per batch size
-        `saved` (kept for backward) and `live` (step peak, as `i2v.bench.LiveBytes`), plus `backbone_no_grad`,
-        `blocks`, `frames`, `tokens` (per frame).
+        Byte counts: `frozen`, `trainable` (weights, all members), `largest_block` (backbone block weights), and per
+        batch size `saved` (kept for backward; a cohort's: the largest member's) and `live` (step peak, as
+        `i2v.bench.LiveBytes`), plus `backbone_no_grad`, `blocks`, `frames`, `tokens` (per frame), `members`.
     """
-    from i2v.methods import create_model
+    from i2v.methods import create_method, create_model
 
-    model = create_model(cfg, device="meta").train()
+    members = cohort_members(cfg, cohort)
+    model = create_model(members[0], device="meta").train()
     backbone = model.backbone
-    weights = [*model.parameters(), *model.buffers()]
+    models = [model] + [
+        create_method(m.method, backbone, num_classes=cfg.data.num_classes, num_frames=cfg.data.frames).train()
+        for m in members[1:]
+    ]
+    weights = list({id(t): t for mod in models for t in (*mod.parameters(), *mod.buffers())}.values())
     out = {
         "frozen": sum(t.numel() * t.element_size() for t in weights if not t.requires_grad),
         "trainable": sum(t.numel() * t.element_size() for t in weights if t.requires_grad),
@@ -63,26 +80,43 @@ def measure_step(cfg: ExperimentCfg, batches: Iterable[int] = (1, 2), amp: bool 
         "blocks": len(backbone.blocks),
         "frames": cfg.data.frames,
         "tokens": math.prod(backbone.grid_size) + backbone.num_prefix_tokens,
+        "members": len(models),
         "saved": {},
         "live": {},
     }
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")  # fake CPU tensors: CPU kernel choices, no memory
-        weights = [*model.parameters(), *model.buffers()]
+        for mod in models[1:]:  # the other members: all but the backbone they share
+            mod.to_empty(device="cpu", recurse=False)
+            for name, child in mod.named_children():
+                if name != "backbone":
+                    child.to_empty(device="cpu")
+        weights = list({id(t): t for mod in models for t in (*mod.parameters(), *mod.buffers())}.values())
 
-        def step(video: torch.Tensor, labels: torch.Tensor) -> None:
-            with autocast:
-                logits = model(video)
-            F.cross_entropy(logits.float(), labels).backward()
+        def step(video: torch.Tensor, labels: torch.Tensor) -> int:
+            """The step; returns the bytes saved for backward by the member that saves most (members back-propagate
+            in turn, so no two members' saved activations are alive at once)."""
+            saved = 0
+            with backbone.shared_outputs():
+                for mod in models:
+
+                    def member(mod: torch.nn.Module = mod) -> None:
+                        with autocast:
+                            logits = mod(video)
+                        F.cross_entropy(logits.float(), labels).backward()
+
+                    saved = max(saved, saved_bytes(member, weights))
+            return saved
 
         for B in batches:
             video = torch.empty(B, cfg.data.frames, 3, *backbone.image_size)
             labels = torch.zeros(B, dtype=torch.long)
             with LiveBytes() as live:
-                out["saved"][B] = saved_bytes(lambda: step(video, labels), weights)  # noqa: B023
+                out["saved"][B] = step(video, labels)
             out["live"][B] = live.peak
-            model.zero_grad(set_to_none=True)
+            for mod in models:
+                mod.zero_grad(set_to_none=True)
     return out
 
 
@@ -106,16 +140,37 @@ def linear(values: dict[int, int]) -> tuple[float, float]:
     return values[1] - per_clip, per_clip
 
 
-def plan(cfg: ExperimentCfg, batch: int, gpus: int, gpu_mem_gb: float, headroom: float = 0.1, amp: bool = True) -> dict:
-    """Predicted per-GPU memory of training `cfg` at `batch` clips per GPU, for replicated and ZeRO-3 frozen weights.
+def plan(
+    cfg: ExperimentCfg,
+    batch: int,
+    gpus: int,
+    gpu_mem_gb: float,
+    headroom: float = 0.1,
+    amp: bool = True,
+    cohort: int = 1,
+) -> dict:
+    """Predicted per-GPU memory of training `cfg` at `batch` clips per GPU, for replicated and ZeRO-3 frozen weights;
+    for a cohort (`train.cohort`, or `cohort` copies of `cfg`) of all its members on one backbone.
 
     Returns:
         Inputs, the activation model (`step_fixed_gb`, `step_per_clip_gb`, saved-for-backward per clip) and, per
-        partition, the memory terms in GB, `fits` and `max_batch` (most clips per GPU that fit in the usable memory).
+        partition, the memory terms in GB, `fits` and `max_batch` (most clips per GPU that fit in the usable memory);
+        for a cohort also `solo_total_gb` (its first member alone), `per_member_gb` (what each further member adds)
+        and `max_cohort` (most such members that fit at `batch`).
     """
     out = {"backbone": cfg.backbone.name, "method": cfg.method.name, "precision": cfg.backbone.precision, "amp": amp}
     out["frames"] = cfg.data.frames
-    return out | predict(measure_step(cfg, (1, 2), amp=amp), batch, gpus, gpu_mem_gb, headroom)
+    m = measure_step(cfg, (1, 2), amp=amp, cohort=cohort)
+    out |= {"cohort": m["members"]} | predict(m, batch, gpus, gpu_mem_gb, headroom)
+    if m["members"] > 1:
+        first = cohort_members(cfg, cohort)[0]
+        solo = predict(measure_step(first, (1, 2), amp=amp), batch, gpus, gpu_mem_gb, headroom)["partitions"]
+        for name, part in out["partitions"].items():
+            per_member = (part["total_gb"] - solo[name]["total_gb"]) / (m["members"] - 1)
+            room = out["usable_gb"] - solo[name]["total_gb"]
+            part |= {"solo_total_gb": solo[name]["total_gb"], "per_member_gb": per_member}
+            part["max_cohort"] = 0 if room < 0 else 1 + math.floor(room / per_member) if per_member > 0 else None
+    return out
 
 
 def predict(m: dict, batch: int, gpus: int, gpu_mem_gb: float, headroom: float = 0.1) -> dict:
@@ -154,7 +209,8 @@ def predict(m: dict, batch: int, gpus: int, gpu_mem_gb: float, headroom: float =
 
 def format_plan(p: dict) -> str:
     head = (
-        f"{Path(p['backbone']).stem} + {p['method']}, {p['frames']} frames, {p['batch']} clips per GPU, "
+        f"{Path(p['backbone']).stem} + {p['method']}{cohort_text(p)}, {p['frames']} frames, "
+        f"{p['batch']} clips per GPU, "
         f"{p['gpus']} GPUs x {p['gpu_mem_gb']:g} GB ({p['usable_gb']:.1f} GB usable), frozen weights {p['precision']}"
         f"{', bf16 autocast' if p['amp'] else ''}\n"
         f"activation model: step peak = {p['step_fixed_gb']:.2f} GB + {p['step_per_clip_gb']:.3f} GB per clip; "
@@ -170,11 +226,22 @@ def format_plan(p: dict) -> str:
         ("fits", "fits", "{}"),
         ("largest batch per GPU", "max_batch", "{}"),
     ]
+    if p.get("cohort", 1) > 1:
+        rows += [
+            ("  one member alone (GB)", "solo_total_gb", "{:.2f}"),
+            ("  each further member (GB)", "per_member_gb", "{:.2f}"),
+            ("largest cohort at this batch", "max_cohort", "{}"),
+        ]
     parts = p["partitions"]
     lines = [head, f"{'':28s}{'replicate':>12s}{'zero3':>12s}"]
     for label, key, fmt in rows:
         lines.append(f"{label:28s}" + "".join(f"{fmt.format(parts[k][key]):>12s}" for k in ("replicate", "zero3")))
     return "\n".join(lines)
+
+
+def cohort_text(p: dict) -> str:
+    k = p.get("cohort", 1)
+    return f" (cohort of {k} members on one backbone)" if k > 1 else ""
 
 
 def validate(records: list[dict]) -> list[dict]:
@@ -225,7 +292,8 @@ def _cmd(args: argparse.Namespace) -> int:
     else:
         overrides = [f"backbone.precision={args.precision}", *args.set]
         cfg = row_config(args.method, args.backbone, args.frames, args.num_classes, overrides)
-        result = plan(cfg, args.batch, args.gpus, args.gpu_mem, args.headroom, amp=args.precision != "fp32")
+        amp = args.precision != "fp32"
+        result = plan(cfg, args.batch, args.gpus, args.gpu_mem, args.headroom, amp=amp, cohort=args.cohort)
         print(format_plan(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +315,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--headroom", type=float, default=0.1, help="fraction kept free for what is not modelled")
     p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--cohort", type=int, default=1, metavar="K", help="K copies of the method trained as one cohort")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--validate", default=None, metavar="BENCH_JSON", help="compare with an `i2v bench train` run")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")

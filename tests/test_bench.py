@@ -89,3 +89,24 @@ def test_parsers_register_their_commands():
     assert args.func is plan._cmd and args.gpus == 8 and args.precision == "bf16"
     with pytest.raises(ValueError, match="unknown"):
         bench.expand_methods("side4video,nope")
+
+
+def test_cohort_bench_measures_cohorts_against_separate_steps_and_projects_flops():
+    spec = dict(row="side4video", backbone=TINY_VIT, frames=4, batch=2, device="cpu", steps=1, warmup=0)
+    spec |= dict(num_classes=5, overrides=["method.side_width=32", "method.side_head_dim=16"], sizes=[1, 2])
+    rows = bench.cohort_worker(spec)
+    assert [r["cohort"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["step_s"] > 0 and r["separate_step_s"] > 0
+        assert r["ratio"] == pytest.approx(r["step_s"] / r["separate_step_s"])
+    assert rows[0]["weights_mb"] == pytest.approx(rows[0]["separate_weights_mb"])
+    assert rows[1]["weights_mb"] < rows[1]["separate_weights_mb"]  # one backbone for two members
+    cfg = bench.row_config("side4video", TINY_VIT, 4, 5, spec["overrides"])
+    flops = bench.cohort_flops(cfg)
+    assert flops["backbone"] > 0 and flops["side"] > 0
+    ratios = [p["flop_ratio"] for p in bench.project_cohort(flops, [1, 2, 4])]
+    assert ratios[0] == pytest.approx(1.0) and ratios[0] > ratios[1] > ratios[2]
+    b, s = flops["backbone"], flops["side"]
+    assert ratios[2] == pytest.approx((b + 4 * s) / (4 * (b + s)))
+    md = bench.markdown_cohort({"rows": [r | {"flop_ratio": 1.0} for r in rows], "projection": None})
+    assert "| 2 |" in md

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_VIT, tiny_cfg
 
 from i2v import bench
-from i2v.methods import create_model, list_methods
+from i2v.methods import create_method, create_model, list_methods
 from i2v.plan import format_plan, format_validation, linear, measure_step, plan, predict, validate
 
 
@@ -75,3 +75,41 @@ def test_validate_compares_with_benchmark_records():
     assert abs(row["act_mem_mb_err"]) < 0.15 and abs(row["peak_live_mb_err"]) < 0.15
     assert row["peak_mem_mb_pred"] > row["peak_live_mb_pred"] > 0
     assert "`st_adapter`" in format_validation([row])
+
+
+def test_a_cohort_plan_holds_the_backbone_once_and_matches_a_measured_cohort_step():
+    cfg = tiny_cfg("side4video")
+    solo, four = measure_step(cfg, (1, 2)), measure_step(cfg, (1, 2), cohort=4)
+    model = create_model(cfg, device="meta")
+    own_buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.startswith("backbone."))
+    assert four["members"] == 4 and four["trainable"] == 4 * solo["trainable"]
+    assert four["frozen"] == solo["frozen"] + 3 * own_buffers  # the backbone once, each member's BatchNorm statistics
+    # members back-propagate in turn: the per-clip step peak stays one member's, the other members' gradients add a
+    # fixed part
+    assert linear(four["live"])[1] == pytest.approx(linear(solo["live"])[1], rel=0.05)
+    assert linear(four["live"])[0] >= linear(solo["live"])[0] + 3 * solo["trainable"]
+    # the fake-tensor cohort step against a real one: 4 members on one backbone, batch 3
+    models = [create_model(cfg).train()]
+    models += [create_method(cfg.method, models[0].backbone, num_classes=5, num_frames=4).train() for _ in range(3)]
+    video, labels = torch.randn(3, 4, 3, 32, 32), torch.randint(0, 5, (3,))
+    weights = list({id(t): t for m in models for t in (*m.parameters(), *m.buffers())}.values())
+
+    with bench.LiveBytes() as live, models[0].backbone.shared_outputs():
+        saved = max(
+            bench.saved_bytes(lambda m=m: torch.nn.functional.cross_entropy(m(video), labels).backward(), weights)
+            for m in models
+        )
+    fixed, per_clip = linear(four["saved"])
+    assert fixed + 3 * per_clip == pytest.approx(saved, rel=0.15)
+    fixed, per_clip = linear(four["live"])
+    assert fixed + 3 * per_clip == pytest.approx(live.peak, rel=0.15)
+
+    p = plan(cfg, batch=2, gpus=1, gpu_mem_gb=0.05, headroom=0.0, amp=False, cohort=4)
+    for part in p["partitions"].values():
+        assert part["solo_total_gb"] < part["total_gb"] and part["per_member_gb"] > 0
+        k = part["max_cohort"]  # the largest cohort fits and one more member does not
+        assert part["solo_total_gb"] + (k - 1) * part["per_member_gb"] <= p["usable_gb"]
+        assert part["solo_total_gb"] + k * part["per_member_gb"] > p["usable_gb"]
+    assert "largest cohort at this batch" in format_plan(p) and "cohort of 4 members" in format_plan(p)
+    with pytest.raises(ValueError, match="already lists its members"):
+        measure_step(tiny_cfg("side4video", "train.cohort=[{}, {}]"), cohort=2)

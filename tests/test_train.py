@@ -133,6 +133,36 @@ def test_mid_epoch_resume_restores_each_ranks_rng_and_reports_scalars_only(shard
         assert rng[0]["python"] != rng[1]["python"]
 
 
+def test_a_cohort_survives_a_killed_worker_and_each_member_ends_as_its_solo_run(uninterrupted, shards, tmp_path):
+    """4 members on one ZeRO-3 backbone (2 workers), the last worker killed at the first step of epoch 2: member 0 is
+    the smoke config itself and ends bit-identical to its uninterrupted solo run; member 3 diverges and is dropped
+    with a record while the others train on (tests/test_cohort.py checks every member against its solo run)."""
+    from i2v.train.checkpoint import load_trainable
+
+    members = "[{}, {method.side_width: 32}, {train.lr: 5.0e-3, train.grad_clip: 1.0}, {train.lr: 1.0e+30}]"
+    out = tmp_path / "cohort"
+    cfg = smoke(shards, "side4video", f"train.cohort={members}", "train.fail_at_step=4", "train.max_failures=1")
+    summary = run_training(cfg, out, progress=False)
+    assert (out / "fault_injected").exists() and summary["cohort"] == 4 and summary["steps"] == 8
+    rows = summary["members"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "diverged"]
+    assert isinstance(rows[3]["diverged_at_step"], int) and rows[3]["diverged_at_step"] >= 1
+    assert json.loads((out / "summary.json").read_text())["members"] == rows
+    for k, r in enumerate(rows):
+        assert r["checkpoint"] == str(out / "members" / f"{k:02d}" / "final.pt")
+        assert json.loads((out / "members" / f"{k:02d}" / "summary.json").read_text()) == r
+    for r in rows[:3]:
+        assert 0.0 <= r["val_top1"] <= 1.0 and r["epoch"] == 2 and len(r["val_per_class"]) == 2
+    expected = weights(uninterrupted[0])
+    got, member_cfg = load_trainable(rows[0]["checkpoint"])
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert (
+        member_cfg["train"]["cohort"] == [] and load_trainable(rows[1]["checkpoint"])[1]["method"]["side_width"] == 32
+    )
+    with pytest.raises(ValueError, match="holds a whole cohort"):
+        load_trainable(next(out.glob("checkpoint_*")))
+
+
 @pytest.mark.parametrize("method", ["st_adapter", "linear_probe"])
 def test_other_methods_train_by_a_one_word_override(method, shards, ray_cluster, tmp_path):
     summary = run_training(smoke(shards, method, "train.epochs=1"), tmp_path / method, progress=False)

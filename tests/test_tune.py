@@ -16,7 +16,7 @@ from conftest import ROOT, tiny_cfg
 from i2v.cli import main as i2v_main
 from i2v.config import ConfigError
 from tune.spaces import load_space
-from tune.sweep import DRIVER_RESOURCE, count_trials, plan_sweep
+from tune.sweep import DRIVER_RESOURCE, count_trials, group_cohorts, plan_sweep, sample_configs
 from tune.sweep import main as sweep_main
 
 pytestmark = pytest.mark.timeout(900)
@@ -87,6 +87,16 @@ def test_plan_counts_trials_and_admits_only_what_the_cluster_holds(capsys):
         plan_sweep([{"CPU": 4.0, "GPU": 2.0}], gpu, 16, None)
 
 
+def test_sampled_configurations_group_into_cohorts_of_compatible_members():
+    space = load_space("bottleneck", "side4video")  # 4 widths x log-uniform lr
+    configs = sample_configs(space, num_samples=2, seed=0)
+    assert len(configs) == count_trials(space, 2) == 8 and configs == sample_configs(space, num_samples=2, seed=0)
+    assert [len(c) for c in group_cohorts(configs, 3)] == [3, 3, 2]
+    mixed = [{"method.side_width": w, "data.frames": f} for f in (8, 16) for w in (64, 128, 256)]
+    cohorts = group_cohorts(mixed, 4)  # data.frames is not a member key: 8- and 16-frame configs never mix
+    assert [[c["data.frames"] for c in g] for g in cohorts] == [[8, 8, 8], [16, 16, 16]]
+
+
 def test_a_trial_bigger_than_the_cluster_is_refused_before_the_sweep(shards, ray_cluster, tmp_path, capsys):
     import ray
 
@@ -134,6 +144,33 @@ def test_asha_sweep_writes_table_best_config_and_plot_and_best_retrains(shards, 
         == 0
     )
     assert (tmp_path / "best" / "summary.json").is_file()
+
+
+def test_a_cohort_sweep_writes_one_row_per_configuration(shards, ray_cluster, tmp_path):
+    """The 4 configurations of a 2 x 2 space as one cohort trial: the same table, best config and plot as a plain
+    sweep (plus the cohort column), and ASHA's rung after epoch 1 halves the members inside the cohort."""
+    out = tmp_path / "sweep"
+    space = write_space(tmp_path, [16, 32], [1e-3, 3e-3])
+    argv = [str(ROOT / "configs/smoke.yaml"), "--space", space, "--scheduler", "asha", "--cohort", "4"]
+    assert sweep_main([*argv, "--out", str(out), "--set", *settings(shards), "--trial-set", "train.epochs=2"]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"} and len({r["cohort"] for r in rows}) == 1
+    assert {(r["method.side_width"], r["train.lr"]) for r in rows} == {
+        (w, lr) for w in ("16", "32") for lr in ("0.001", "0.003")
+    }
+    assert list(rows[0]) == [
+        "trial", "cohort", "status", "method.side_width", "train.lr", "best_val_top1", "epochs", "peak_mem_mb",
+        "train_clips_per_s", "trainable_params", "error",
+    ]  # fmt: skip
+    assert sorted(int(r["epochs"]) for r in rows) == [1, 1, 2, 2]  # 2 of 4 stopped at the rung after epoch 1
+    assert len({r["trainable_params"] for r in rows}) == 2  # two widths
+    assert "saw the same clips" in (out / "results.md").read_text() and (out / "sweep.png").stat().st_size > 0
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert (best["method"]["side_width"], best["train"]["lr"]) == (
+        int(rows[0]["method.side_width"]),
+        float(rows[0]["train.lr"]),
+    )
+    assert best["train"]["cohort"] == []  # a ready-to-run single experiment
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_resumes(shards, ray_cluster, tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from i2v.cohort import is_member_key
 from i2v.config import ConfigError, ExperimentCfg, load_config
 from i2v.files import atomic_savefig, atomic_write
 from tune.spaces import load_space, with_overrides
@@ -42,6 +44,7 @@ DRIVER_SHARE = 0.01
 # A trial whose workers cannot start retries this often (each wait: $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
 # default), then fails with Train's WorkerGroupStartupTimeoutError instead of waiting forever.
 START_RETRIES = 2
+ASHA_FACTOR = 2  # ASHA's reduction factor (grace period 1 epoch), also in-cohort halving's (--cohort)
 
 
 @dataclass
@@ -126,8 +129,44 @@ def _fits(nodes: list[dict[str, float]], bundles: list[dict], driver: dict, driv
     return True
 
 
-def trial_fn(params: dict, base: dict, trials_dir: str, cwd: str, verbose: bool = False) -> None:
-    """One Tune trial: validate the trial's config, then train it exactly as `i2v train` would."""
+def sample_configs(params: dict, num_samples: int, seed: int) -> list[dict]:
+    """The configurations Tune would run, drawn up front (Tune's own variant generator: every grid point
+    `num_samples` times, random domains resolved per sample), so that they can be grouped into cohorts."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = np.random.default_rng(seed)
+    return [spec for _ in range(num_samples) for _, spec in generate_variants(params, random_state=rng)]
+
+
+def group_cohorts(configs: list[dict], size: int) -> list[list[dict]]:
+    """Configurations in cohorts of at most `size`: only configurations equal in every key a member may not set
+    (`i2v.cohort.is_member_key`: anything but method.* and the optimiser keys) share a cohort; order is kept."""
+    groups: dict[str, list[dict]] = {}
+    for c in configs:
+        shared = {k: v for k, v in c.items() if not is_member_key(k)}
+        groups.setdefault(repr(sorted(shared.items())), []).append(c)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def cohort_config(base: dict, members: list[dict], halving: int, source: str) -> ExperimentCfg:
+    """The experiment config of a cohort trial: the shared keys applied, one `train.cohort` entry per member."""
+    shared = {k: v for k, v in members[0].items() if not is_member_key(k)}
+    cohort = [{k: v for k, v in m.items() if is_member_key(k)} for m in members]
+    return with_overrides(base, shared | {"train.cohort": cohort, "train.cohort_halving": halving}, source=source)
+
+
+def trial_fn(
+    params: dict,
+    base: dict,
+    trials_dir: str,
+    cwd: str,
+    verbose: bool = False,
+    cohorts: list[list[dict]] | None = None,
+    halving: int = 0,
+) -> None:
+    """One Tune trial: validate the trial's config, then train it exactly as `i2v train` would. With `cohorts`, the
+    trial is the cohort `params["cohort"]`, its members halved in-cohort at the ASHA rungs when `halving` > 0."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -137,7 +176,11 @@ def trial_fn(params: dict, base: dict, trials_dir: str, cwd: str, verbose: bool 
     configure(verbose)
     os.chdir(cwd)  # Tune starts trials in their own directory; relative config paths mean the sweep's cwd
 
-    cfg = with_overrides(base, params, source=f"trial {ray.tune.get_context().get_trial_id()}")
+    source = f"trial {ray.tune.get_context().get_trial_id()}"
+    if cohorts is None:
+        cfg = with_overrides(base, params, source=source)
+    else:
+        cfg = cohort_config(base, cohorts[params["cohort"]], halving, source)
     cfg.train.checkpoint_every = 0  # ASHA's rungs are epochs: every report must carry validation metrics
     validate(cfg)
     out = Path(trials_dir) / f"train-{ray.tune.get_context().get_trial_id()}"  # stable across restores
@@ -170,9 +213,11 @@ def run_sweep(
     scheduler: str = "asha",
     address: str | None = None,
     verbose: bool = False,
+    cohort: int = 1,
 ) -> tuple[list[dict], int]:
     """Runs (or resumes) a sweep; writes and returns the results table (what finished, after a Ctrl-C too) and the
-    number of trials left to run (0 unless interrupted)."""
+    number of trials left to run (0 unless interrupted). `cohort` > 1 trains the sampled configurations in cohorts of
+    that many per trial (`group_cohorts`); the table still has one row per configuration."""
     import ray
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -186,13 +231,30 @@ def run_sweep(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"tune: sweep directory {out}", flush=True)
+    cohorts = None
+    if cohort > 1:
+        cohorts = _cohorts(out, params, num_samples, cohort, base)
+        params = {"cohort": ray.tune.grid_search(list(range(len(cohorts))))}  # one trial per cohort
+        sizes = sorted({len(c) for c in cohorts})
+        print(
+            f"tune: {sum(map(len, cohorts))} configurations in {len(cohorts)} cohorts of {'/'.join(map(str, sizes))} "
+            f"(one trial each; members see the same clips in the same order)",
+            flush=True,
+        )
     init_ray(address, verbose, resources={DRIVER_RESOURCE: 1})  # a local cluster: drivers take no CPU
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    plan = plan_sweep(nodes, base, count_trials(params, num_samples), max_concurrent)
+    plan = plan_sweep(nodes, base, count_trials(params, 1 if cohorts else num_samples), max_concurrent)
     print(f"tune: plan: {plan.describe()}; a failed trial restarts {max_failures}x", flush=True)
+    halving = ASHA_FACTOR if scheduler == "asha" and cohorts and base.data.val_shards else 0
     trainable = ray.tune.with_resources(  # the trial driver itself needs (almost) nothing; its workers hold CPUs/GPUs
         ray.tune.with_parameters(
-            trial_fn, base=base.to_dict(), trials_dir=str(out / "trials"), cwd=os.getcwd(), verbose=verbose
+            trial_fn,
+            base=base.to_dict(),
+            trials_dir=str(out / "trials"),
+            cwd=os.getcwd(),
+            verbose=verbose,
+            cohorts=cohorts,
+            halving=halving,
         ),
         plan.driver,
     )
@@ -201,7 +263,7 @@ def run_sweep(
         tuner = ray.tune.Tuner.restore(str(out / "tune"), trainable=trainable, resume_errored=False)
     else:
         sched = (
-            ASHAScheduler(time_attr="epoch", max_t=base.train.epochs, grace_period=1, reduction_factor=2)
+            ASHAScheduler(time_attr="epoch", max_t=base.train.epochs, grace_period=1, reduction_factor=ASHA_FACTOR)
             if scheduler == "asha"
             else FIFOScheduler()
         )
@@ -223,17 +285,34 @@ def run_sweep(
             ),
         )
     results = tuner.fit()  # Ctrl-C: Tune stops the trials, saves the experiment and returns what it has
-    rows = results_table(results, base)
+    rows = results_table(results, base, cohorts)
     write_outputs(rows, out, load_config(config, list(overrides)))
     # Interrupted: trials stopped mid-run, and grid points Tune had not generated yet (they have no row at all).
-    left = sum(r["status"] == "unfinished" for r in rows) + max(0, plan.trials - len(rows))
+    configs = sum(map(len, cohorts)) if cohorts else plan.trials
+    left = sum(r["status"] == "unfinished" for r in rows) + max(0, configs - len(rows))
     if left:
-        print(f"tune: {left} of {plan.trials} trials not finished; run the same command again to resume", flush=True)
+        what = "configurations" if cohorts else "trials"
+        print(f"tune: {left} of {configs} {what} not finished; run the same command again to resume", flush=True)
     return rows, left
 
 
-def results_table(results, base: ExperimentCfg) -> list[dict]:
-    """One row per trial: its hyperparameters, best val top-1, peak memory, clips/s, trainable params, status."""
+def _cohorts(out: Path, params: dict, num_samples: int, size: int, base: ExperimentCfg) -> list[list[dict]]:
+    """The sweep's cohorts, drawn once (seeded by train.seed) and kept in `out/cohorts.json`, so a restored sweep
+    runs the same configurations."""
+    path = out / "cohorts.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["size"] != size:
+            raise ConfigError(f"--cohort: {size}, but the sweep in {out} was started with --cohort {saved['size']}")
+        return saved["cohorts"]
+    cohorts = group_cohorts(sample_configs(params, num_samples, base.train.seed), size)
+    atomic_write(path, json.dumps({"size": size, "cohorts": cohorts}, indent=1) + "\n")
+    return cohorts
+
+
+def results_table(results, base: ExperimentCfg, cohorts: list[list[dict]] | None = None) -> list[dict]:
+    """One row per configuration: its hyperparameters, best val top-1, peak memory, clips/s, trainable params, status
+    (a cohort trial gives one row per member, and the `cohort` column names the trial its members shared)."""
     from i2v.methods import create_model
 
     # A Result carries no trial status, and a restored experiment may hold a finished trial's last result from before
@@ -241,31 +320,51 @@ def results_table(results, base: ExperimentCfg) -> list[dict]:
     status = {t.path: t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])}
     rows = []
     for r in results:
-        params = {k: v for k, v in (r.config or {}).items()}
         done = status.get(r.path) == "TERMINATED" or bool((r.metrics or {}).get("done"))
         df = r.metrics_dataframe
-        has = df is not None and "val_top1" in df
-        trainable = None
-        try:
-            model = create_model(with_overrides(base.to_dict(), params), device="meta")
-            trainable = sum(p.numel() for p in model.trainable_parameters())
-        except Exception:  # an invalid hyperparameter combination: the trial's error says why
-            pass
-        rows.append(
-            {
-                "trial": _trial_id(r.path),
-                "status": "failed" if r.error else "ok" if done else "unfinished",
-                **params,
-                "best_val_top1": float(df["val_top1"].max()) if has else None,
-                "epochs": int(df["epoch"].max()) if has else 0,
-                "peak_mem_mb": float(df["peak_mem_mb"].max()) if has else None,
-                "train_clips_per_s": float(df["train_clips_per_s"].iloc[-1]) if has else None,
-                "trainable_params": trainable,
-                "error": _first_line(r.error) if r.error else "",
-            }
-        )
+        trial = {
+            "trial": _trial_id(r.path),
+            "status": "failed" if r.error else "ok" if done else "unfinished",
+            "error": _first_line(r.error) if r.error else "",
+        }
+        if cohorts is None:
+            rows.append(_row(trial, dict(r.config or {}), df, "", base, create_model))
+            continue
+        for k, params in enumerate(cohorts[(r.config or {})["cohort"]]):
+            row = _row(trial, params, df, f"m{k}/", base, create_model)
+            rows.append({"trial": f"{row.pop('trial')}/m{k}", "cohort": trial["trial"], **row})
     rows.sort(key=lambda row: -1 if row["best_val_top1"] is None else row["best_val_top1"], reverse=True)
     return rows
+
+
+def _row(trial: dict, params: dict, df, prefix: str, base: ExperimentCfg, create_model) -> dict:
+    """A results row from a trial's metrics (`prefix`: a cohort member's `m{k}/` keys)."""
+    val = f"{prefix}val_top1"
+    has = df is not None and val in df and df[val].notna().any()
+    trainable = None
+    try:
+        model = create_model(with_overrides(base.to_dict(), params), device="meta")
+        trainable = sum(p.numel() for p in model.trainable_parameters())
+    except Exception:  # an invalid hyperparameter combination: the trial's error says why
+        pass
+    status, error, epochs = trial["status"], trial["error"], int(df["epoch"].max()) if has else 0
+    member_status = df[f"{prefix}status"].iloc[-1] if prefix and has and f"{prefix}status" in df else None
+    stopped_at = int(df[f"{prefix}stopped_at"].iloc[-1]) if member_status in ("stopped", "diverged") else None
+    if member_status == "stopped":  # in-cohort halving: the member's last epoch was its rung
+        epochs = stopped_at
+    elif member_status == "diverged" and status != "failed":
+        status, error = "diverged", f"non-finite gradient at step {stopped_at}; dropped from its cohort"
+    return {
+        "trial": trial["trial"],
+        "status": status,
+        **params,
+        "best_val_top1": float(df[val].max()) if has else None,
+        "epochs": epochs,
+        "peak_mem_mb": float(df["peak_mem_mb"].max()) if has else None,
+        "train_clips_per_s": float(df["train_clips_per_s"].iloc[-1]) if has else None,
+        "trainable_params": trainable,
+        "error": error,
+    }
 
 
 def _trial_id(path: str | None) -> str:
@@ -296,6 +395,13 @@ def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None
     """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically."""
     keys = write_csv(rows, out / "results.csv")
     md = markdown(rows, keys)
+    if any("cohort" in r for r in rows):
+        md += (
+            "\n\nRows with the same `cohort` trained together, on one backbone forward per batch: they saw the same "
+            "clips, augmentations and order, so differences between them are paired comparisons (common random "
+            "numbers), free of data-order noise. Under ASHA a cohort's members are also halved inside the cohort at "
+            "its rungs (`stopped` members keep the epochs they reached)."
+        )
     atomic_write(out / "results.md", md + "\n")
     print(md, flush=True)
     ok = [r for r in rows if r["status"] == "ok" and r["best_val_top1"] is not None]
@@ -363,6 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-failures", type=int, default=1, help="restarts of a failed trial (a lost node or driver)")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument(
+        "--cohort",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train up to K compatible configurations per trial on one backbone forward (default 1: one per trial)",
+    )
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweep-<config>-<space>); reused: resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for trials and best.yaml")
     p.add_argument("--trial-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for trials only")
@@ -371,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1) or args.max_failures < 0:
         p.error("--num-samples and --max-concurrent must be >= 1, --max-failures >= 0")
+    if args.cohort < 1:
+        p.error("--cohort must be >= 1")
     out = args.out or f"runs/sweep-{Path(args.config).stem}-{Path(args.space).stem}"
     from i2v.console import configure
 
@@ -388,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             scheduler=args.scheduler,
             address=args.address,
             verbose=args.verbose,
+            cohort=args.cohort,
         )
     except (ValueError, FileNotFoundError) as e:  # bad input (ConfigError is a ValueError): one line, exit 2
         if args.verbose:

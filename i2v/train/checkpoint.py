@@ -3,9 +3,12 @@ RNG and the config. The frozen backbone is never saved (it comes from `backbone.
 
 Layout of a checkpoint directory:
     state.pt         rank 0: {"model": trainable_state_dict, "optimizer", "scheduler", "epoch", "step",
-                     "step_in_epoch", "cfg"} (optimizer/scheduler absent under a joint ZeRO-3 engine)
-    rng/rank_NNN.pt  every rank: its own python/numpy/torch (and CUDA) RNG states, restored by the same rank; each
-                     rank reports its own files and Ray merges them into one checkpoint directory
+                     "step_in_epoch", "cfg"} (optimizer/scheduler absent under a joint ZeRO-3 engine); a cohort run
+                     (train.cohort) holds {"members": [{"model", "optimizer", "scheduler", "status", "stopped_at",
+                     "last"}, ...]} instead of the first three
+    rng/rank_NNN.pt  every rank: its own python/numpy/torch (and CUDA) RNG states (a cohort's: also every member's
+                     own stream, "members"), restored by the same rank; each rank reports its own files and Ray merges
+                     them into one checkpoint directory
     engine/          joint ZeRO-3 engine only: DeepSpeed's per-rank shards of trainable weights + optimizer state
 Files are written under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
 """
@@ -37,8 +40,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restores the generators `state` holds (all of `rng_state`, or a subset such as a cohort member's torch/CUDA)."""
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -72,14 +78,25 @@ def save(t, directory: Path, epoch: int) -> None:
             with ds.gathered([params[k]] if k in params else []):
                 if _rank() == 0:
                     model[k] = (params[k] if k in params else v).detach().clone().cpu()
+        state["model"] = model
     else:
-        model = {k: v.detach().cpu() for k, v in t.model.trainable_state_dict().items()}
-        state["optimizer"] = t.optimizer.state_dict()
-        state["scheduler"] = t.scheduler.state_dict()
+        members = [
+            {
+                "model": {k: v.detach().cpu() for k, v in m.model.trainable_state_dict().items()},
+                "optimizer": m.optimizer.state_dict(),
+                "scheduler": m.scheduler.state_dict(),
+                "status": m.status,
+                "stopped_at": m.stopped_at,
+                "last": m.last,
+            }
+            for m in t.members
+        ]
+        state |= {"members": members} if t.cohort else {k: members[0][k] for k in ("model", "optimizer", "scheduler")}
     if _rank() == 0:
-        atomic_save(state | {"model": model}, directory / STATE)
+        atomic_save(state, directory / STATE)
     rng_path(directory, _rank()).parent.mkdir(exist_ok=True)
-    atomic_save(rng_state(), rng_path(directory, _rank()))
+    members_rng = {"members": [m.rng for m in t.members]} if t.cohort else {}
+    atomic_save(rng_state() | members_rng, rng_path(directory, _rank()))
 
 
 def schedule_of(t) -> dict:
@@ -103,18 +120,32 @@ def load(t, directory: Path) -> dict:
                 f"{directory}: this run was trained with another {section} config (differs in {section}."
                 f"{', '.join(changed)}); resume with the same config or start a new run directory (--out)"
             )
+    if state["cfg"]["train"].get("cohort", []) != now["train"]["cohort"]:
+        raise ValueError(
+            f"{directory}: this run was trained with another train.cohort ({state['cfg']['train'].get('cohort', [])}"
+            f"); resume with the same members or start a new run directory (--out)"
+        )
     if t.engine is not None:
         from i2v.train import deepspeed as ds
 
         ds.load_engine(t.engine, directory / "engine", tag="shards")
     else:
-        t.model.load_trainable_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        t.scheduler.load_state_dict(state["scheduler"])
+        for m, saved in zip(t.members, state["members"] if t.cohort else [state], strict=True):
+            m.model.load_trainable_state_dict(saved["model"])
+            m.optimizer.load_state_dict(saved["optimizer"])
+            m.scheduler.load_state_dict(saved["scheduler"])
+            m.status, m.stopped_at, m.last = (
+                saved.get("status", "training"),
+                saved.get("stopped_at"),
+                saved.get("last", {}),
+            )
     rng = rng_path(directory, _rank())
     if not rng.is_file():
         raise FileNotFoundError(f"{directory}: no RNG state for rank {_rank()} ({rng.relative_to(directory)})")
-    set_rng_state(torch.load(rng, weights_only=False))  # holds numpy RNG state
+    rng = torch.load(rng, weights_only=False)  # holds numpy RNG state
+    set_rng_state(rng)
+    for m, member_rng in zip(t.members, rng.get("members", []), strict=False):
+        m.rng = member_rng
     return state
 
 
@@ -126,4 +157,9 @@ def load_trainable(path: str | Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: {path} does not exist (expected a checkpoint directory or its {STATE})")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if "members" in state:
+        raise ValueError(
+            f"--checkpoint: {path} holds a whole cohort ({len(state['members'])} members); pass one member's "
+            f"checkpoint, <run dir>/members/NN/final.pt"
+        )
     return state["model"], state["cfg"]

@@ -34,8 +34,13 @@ def validate(cfg: ExperimentCfg) -> None:
         raise ConfigError(
             "method.sync_bn: true needs GPU workers (train.use_gpu: true); torch's SyncBatchNorm does not train on CPU"
         )
+    from i2v.cohort import member_configs
+
+    if cfg.train.cohort and cfg.task != "classification":
+        raise ConfigError(f"train.cohort: cohorts train classification side networks, not task {cfg.task!r}")
     try:
-        get_task(cfg).build_model(cfg, load_backbone(cfg.backbone, device="meta"))
+        for member in member_configs(cfg):  # [cfg] unless it is a cohort
+            get_task(member).build_model(member, load_backbone(member.backbone, device="meta"))
     except (ValueError, KeyError, NotImplementedError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if cfg.task == "retrieval":
@@ -131,14 +136,14 @@ def make_trainer(
 
 
 def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
-    """Writes `out/summary.json` and `out/final.pt` (a copy of the last checkpoint's state) from a Ray Result."""
+    """Writes `out/summary.json` and `out/final.pt` (a copy of the last checkpoint's state) from a Ray Result; for a
+    cohort, `out/members/NN/{summary.json,final.pt}` per member (each what that member's solo run would have written)
+    and `out/summary.json` with one row per member under "members"."""
     if result.error is not None:
         raise result.error
     from i2v.backbone import resolve_backbone
 
     metrics = dict(result.metrics or {})
-    latest = out / "eval" / "latest.json"  # per-class accuracy is not reported through Ray (scalars only)
-    per_class = json.loads(latest.read_text()).get("val_per_class") if latest.is_file() else None
     summary = {k: metrics.get(k) for k in SUMMARY_KEYS if cfg.task == "classification" or k in metrics} | {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
@@ -146,21 +151,71 @@ def summarise(cfg: ExperimentCfg, out: Path, result) -> dict:
         # what the tower was built with (a ZeRO-3 worker refuses to run on any dtype but backbone.precision)
         "backbone_resolved": {"precision": cfg.backbone.precision} | resolve_backbone(cfg.backbone, False).summary(),
         "steps": metrics.get("step"),
-        "val_per_class": per_class,
         "run_dir": str(out),
     }
     if cfg.task == "retrieval":  # the ten figures, counts, final vs best epoch (summary of eval/epoch_*.json)
         from i2v.tasks.retrieval import run_summary
 
-        del summary["val_per_class"]
         summary |= run_summary(cfg, out, metrics)
-    if result.checkpoint is not None:
-        final = out / "final.pt"
-        shutil.copyfile(Path(result.checkpoint.path) / "state.pt", final.with_suffix(".pt.tmp"))
-        os.replace(final.with_suffix(".pt.tmp"), final)
-        summary["checkpoint"] = str(final)
+    if cfg.train.cohort:
+        summary |= {"cohort": len(cfg.train.cohort), "members": _summarise_members(cfg, out, result, summary)}
+        summary.pop("method")
+    else:
+        if cfg.task == "classification":
+            summary["val_per_class"] = _per_class(out)
+        if result.checkpoint is not None:
+            final = out / "final.pt"
+            shutil.copyfile(Path(result.checkpoint.path) / "state.pt", final.with_suffix(".pt.tmp"))
+            os.replace(final.with_suffix(".pt.tmp"), final)
+            summary["checkpoint"] = str(final)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _per_class(run_dir: Path) -> list[float] | None:
+    latest = run_dir / "eval" / "latest.json"  # per-class accuracy is not reported through Ray (scalars only)
+    return json.loads(latest.read_text())["val_per_class"] if latest.is_file() else None
+
+
+def _summarise_members(cfg: ExperimentCfg, out: Path, result, shared: dict) -> list[dict]:
+    """One summary per cohort member, written to its own directory with its final checkpoint (a solo run's layout,
+    so `i2v eval --checkpoint out/members/NN/final.pt` works as for any run)."""
+    import torch
+
+    from i2v.cohort import member_configs
+    from i2v.train.checkpoint import atomic_save
+    from i2v.train.loop import member_dir
+
+    metrics = dict(result.metrics or {})
+    state = None
+    if result.checkpoint is not None:
+        state = torch.load(Path(result.checkpoint.path) / "state.pt", map_location="cpu", weights_only=False)
+    rows = []
+    for k, (member, overrides) in enumerate(zip(member_configs(cfg), cfg.train.cohort, strict=True)):
+        d = member_dir(out, k)
+        d.mkdir(parents=True, exist_ok=True)
+        status, stopped_at = metrics.get(f"m{k}/status"), metrics.get(f"m{k}/stopped_at", -1)
+        status = "ok" if status == "training" else status  # trained to the end
+        row = {key: metrics.get(f"m{k}/{key}") for key in ("val_top1", "val_top5")} | {
+            "member": k,
+            "overrides": overrides,
+            "status": status,
+            # epochs trained: a stopped member's rung; a diverged one's weights are from before `stopped_at` (a step)
+            "epoch": stopped_at if status == "stopped" else metrics.get("epoch"),
+            "diverged_at_step": stopped_at if status == "diverged" else None,
+        }
+        row |= {k2: v for k2, v in shared.items() if k2 not in row and k2 not in ("val_top1", "val_top5", "epoch")}
+        row |= {"method": member.method.name, "run_dir": str(d), "val_per_class": _per_class(d)}
+        if state is not None:
+            saved = state["members"][k]
+            final = d / "final.pt"
+            atomic_save(
+                {"model": saved["model"], "cfg": member.to_dict()} | {x: state[x] for x in ("epoch", "step")}, final
+            )
+            row["checkpoint"] = str(final)
+        atomic_write(d / "summary.json", json.dumps(row, indent=2) + "\n")
+        rows.append(row)
+    return rows
 
 
 def run_training(
@@ -178,6 +233,14 @@ def run_training(
 def format_summary(summary: dict) -> str:
     from i2v.tasks.retrieval import SUMMARY_KEYS as RETRIEVAL_KEYS
 
+    if "members" in summary:  # a cohort: one line per member
+        lines = [
+            f"cohort of {summary['cohort']}, {summary['steps']} steps, {summary['partition']}, run {summary['run_dir']}"
+        ]
+        for r in summary["members"]:
+            val = "-" if r["val_top1"] is None else f"{r['val_top1']:.4f}"
+            lines.append(f"member {r['member']}  {r['status']:9s} val_top1 {val}  epoch {r['epoch']}  {r['overrides']}")
+        return "\n".join(lines)
     keys = (*RETRIEVAL_KEYS, "chance_r1", *SUMMARY_KEYS[2:]) if "t2v_r1" in summary else SUMMARY_KEYS
     rows = [(k, summary.get(k)) for k in (*keys, "steps", "method", "partition", "checkpoint")]
     width = max(len(k) for k, _ in rows)
