@@ -74,6 +74,7 @@ VARIANTS: Final[dict[str, list[str]]] = {
     "st_adapter_24x384": ["method.name=st_adapter", "method.position=both"],  # released SSv2 preset
     "side4video_light": ["method.name=side4video", "method.side_width=128"],  # Table 2 light variant (4.4 M)
     "side4video_ckpt": ["method.name=side4video", "method.grad_checkpointing=true"],  # recompute side blocks
+    "side4video_plain": ["method.name=side4video", "method.lean_activations=false"],  # plain autograd (before issue 14)
 }
 
 
@@ -505,7 +506,8 @@ def bench_infer(
     from i2v.methods import create_model
 
     records = []
-    rows = [n for n in expand_methods(methods) if n != "side4video_ckpt"]  # checkpointing changes nothing at inference
+    same = ("side4video_ckpt", "side4video_plain")  # checkpointing and lean activations change nothing at inference
+    rows = [n for n in expand_methods(methods) if n not in same]
     for row in [IMAGE, *rows]:
         spec = dict(row=row, backbone=backbone, frames=frames, batch=batch, device=device, steps=steps)
         spec |= dict(warmup=warmup, num_classes=num_classes, overrides=list(overrides), threads=threads, mode="infer")

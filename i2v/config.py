@@ -131,6 +131,11 @@ class Side4VideoCfg(MethodCfg):
     # (1 + L) x side_width (197 x 320 for B/16), the Recognition code's L x side_width. How the Retrieval code uses the
     # extra row is not in the material read; here it is added to the class token, as its 197 rows suggest.
     cls_pos: bool = False
+    # CLIP variant, training: keep only what backward needs (each branch's input, the attention's q/k/v/output, the
+    # temporal branch's hidden state and the raw taps) and recompute the norms, the depthwise conv, GELU and the MLP's
+    # first linear layer in backward: 0.4x the saved activations at about the same step time, same gradients.
+    # false: plain autograd (the reference path; the EVA variant and SyncBatchNorm always use it).
+    lean_activations: bool = True
     # SyncBatchNorm in the side network: batch statistics over all ranks, for small per-GPU batches (EVA02-E-14 at
     # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). Side4Video is the only
     # method with BatchNorm, so the other methods have no such key.

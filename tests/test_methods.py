@@ -7,13 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_METHOD, tiny_cfg
 from open_clip.transformer import ResidualAttentionBlock
 
+from i2v import bench
 from i2v.config import ConfigError, load_config
 from i2v.data.synth import render_clip
 from i2v.describe import count_flops, describe
-from i2v.layers import LinearAdapter, temporal_shift
+from i2v.layers import LinearAdapter, recomputed_linear, temporal_shift
 from i2v.methods import METHODS, create_model, list_methods
 
 ALL = list_methods()
@@ -238,6 +240,75 @@ def test_grad_checkpointing_gives_identical_gradients(name):
     assert counts[1] > counts[0]  # activations really were recomputed in backward
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_recomputed_linear_gives_autograd_gradients_and_keeps_only_its_input():
+    g, beta = (torch.randn(8, requires_grad=True) for _ in range(2))
+    weight = torch.randn(4, 8, 1, 1, 1).to(memory_format=torch.channels_last_3d).requires_grad_()  # a 1x1x1 conv
+    bias = torch.randn(4, requires_grad=True)
+    params = [g, beta, weight, bias]
+
+    def fn(x, g, b):
+        return F.gelu(F.layer_norm(x, (8,), g, b))
+
+    for x_grad in (True, False):  # the frozen taps need no gradient
+        x = torch.randn(6, 5, 8, requires_grad=x_grad)
+        dy = torch.randn(6, 5, 4)
+        F.linear(fn(x, g, beta), weight.flatten(1), bias).backward(dy)
+        expected = [t.grad for t in (x, *params)]
+        for t in (x, *params):
+            t.grad = None
+        with torch.no_grad():
+            z = fn(x, g, beta)
+
+        def step():
+            y = recomputed_linear(fn, x, z, weight, bias, g, beta)  # noqa: B023
+            y.backward(dy)  # noqa: B023
+
+        assert bench.saved_bytes(step, params) == x.numel() * 4  # x alone: not fn(x), not the recomputation
+        for got, want in zip([t.grad for t in (x, *params)], expected):
+            assert got is want is None or torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert weight.grad.stride() == weight.stride()  # laid out like the weight (DDP buckets)
+        for t in (x, *params):
+            t.grad = None
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_side4video_lean_activations_keep_less_and_change_nothing(amp):
+    # i2v issue 14: by default training keeps each side-block branch's input and recomputes the norms, the depthwise
+    # conv, GELU and the MLP's fc1 in backward. Same logits, gradients and BatchNorm statistics as plain autograd
+    # (fp32), or up to bf16 rounding under autocast with a bf16 backbone (whose taps it then keeps in bf16).
+    extra = ["backbone.precision=bf16"] if amp else []
+    plain = create_model(tiny_cfg("side4video", "method.lean_activations=false", *extra)).train()
+    _perturb(plain)
+    lean = create_model(tiny_cfg("side4video", *extra)).train()
+    lean.load_state_dict(plain.state_dict())
+    x = video()
+    runs = []
+    for model in (plain, lean):
+        out = {}
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out["logits"] = model(x)  # noqa: B023
+            out["logits"].float().logsumexp(-1).sum().backward()  # noqa: B023
+
+        out["saved"] = bench.saved_bytes(step, [*model.parameters(), *model.buffers()])
+        out["grads"] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        out["buffers"] = dict(model.named_buffers())
+        runs.append(out)
+    before, after = runs
+    assert after["saved"] < 0.6 * before["saved"]
+    tol = dict(rtol=2e-2, atol=2e-2) if amp else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(after["logits"], before["logits"], **tol)
+    for n, g in before["grads"].items():
+        if amp:  # bf16 rounding: within 5% of each tensor's largest gradient (the patch-embedding conv's bias feeds a
+            # BatchNorm, so its exact gradient is 0 and both paths give rounding noise of ~1e-9)
+            assert (after["grads"][n] - g).abs().max() <= 0.05 * g.abs().max() + 1e-8, n
+        else:
+            torch.testing.assert_close(after["grads"][n], g, **tol, msg=n)
+    for n, b in before["buffers"].items():  # BatchNorm statistics: updated once, from the same batch
+        torch.testing.assert_close(after["buffers"][n], b, **(tol if amp else {}), msg=n)
 
 
 # Methods that claim temporal modelling: settings that give them their temporal part (ZeroI2V: STDHA heads), and a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_cfg
+from conftest import TINY_METHOD, TINY_VIT, tiny_cfg
 
 from i2v import bench
 from i2v.methods import create_method, create_model, list_methods
@@ -25,9 +25,12 @@ def measured(cfg, batch: int) -> tuple[int, int]:
     return saved, live.peak
 
 
-@pytest.mark.parametrize("method", list_methods())
-def test_planner_predicts_measured_memory_within_15_percent(method):
-    cfg = tiny_cfg(method)
+@pytest.mark.parametrize(
+    "method, overrides",
+    [(m, []) for m in list_methods()] + [("side4video", ["method.lean_activations=false"])],  # + plain autograd
+)
+def test_planner_predicts_measured_memory_within_15_percent(method, overrides):
+    cfg = tiny_cfg(method, *overrides)
     m = measure_step(cfg, (1, 2))  # fitted on 1 and 2 clips ...
     saved, live = measured(cfg, 3)  # ... checked on 3
     fixed, per_clip = linear(m["saved"])
@@ -67,14 +70,16 @@ def test_bf16_runs_the_step_under_autocast_with_half_size_frozen_weights():
     assert 0 < linear(bf16["live"])[1] < linear(fp32["live"])[1]
 
 
-def test_validate_compares_with_benchmark_records():
+@pytest.mark.parametrize("method", ["st_adapter", "side4video"])  # side4video: its recomputing autograd functions
+def test_validate_compares_with_benchmark_records(method):
     # a bf16 backbone under autocast, as on GPUs: the planner follows the benchmark's dtypes
-    spec = dict(row="st_adapter", backbone=TINY_VIT, frames=4, batch=2, device="cpu", steps=1, warmup=1, amp=True)
-    record = bench.train_worker(spec | dict(num_classes=5, overrides=["backbone.precision=bf16"]))
+    spec = dict(row=method, backbone=TINY_VIT, frames=4, batch=2, device="cpu", steps=1, warmup=1, amp=True)
+    overrides = ["backbone.precision=bf16", *TINY_METHOD[method]]
+    record = bench.train_worker(spec | dict(num_classes=5, overrides=overrides))
     (row,) = validate([record])
     assert abs(row["act_mem_mb_err"]) < 0.15 and abs(row["peak_live_mb_err"]) < 0.15
     assert row["peak_mem_mb_pred"] > row["peak_live_mb_pred"] > 0
-    assert "`st_adapter`" in format_validation([row])
+    assert f"`{method}`" in format_validation([row])
 
 
 def test_a_cohort_plan_holds_the_backbone_once_and_matches_a_measured_cohort_step():

@@ -2,6 +2,7 @@
 
 from i2v.layers.adapters import LinearAdapter, STAdapter
 from i2v.layers.heads import FrameProjection, linear_head
+from i2v.layers.recompute import recomputed_linear
 from i2v.layers.spacetime import ConvGLU3d, LocalCorrelation
 from i2v.layers.temporal import from_video_grid, temporal_shift, to_video_grid
 
@@ -12,6 +13,7 @@ __all__ = [
     "LinearAdapter",
     "STAdapter",
     "linear_head",
+    "recomputed_linear",
     "temporal_shift",
     "to_video_grid",
     "from_video_grid",

@@ -18,12 +18,14 @@ EVA variant (`tap_order: linear_norm`, the reference's ViT-E configs): Linear ->
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from i2v.layers import FrameProjection, from_video_grid, linear_head, to_video_grid
+from i2v.layers import FrameProjection, from_video_grid, linear_head, recomputed_linear, to_video_grid
 from i2v.methods import register_method
 from i2v.methods.base import VideoMethod
 
@@ -74,6 +76,50 @@ class SideBlock(nn.Module):
         kv = self.ln_attn(torch.cat([shift_class_token(cls, T) + cls_pos, s + pos], dim=1))  # (B*T, 1+L, d)
         s = s + self.attn(kv[:, 1:], kv, kv, need_weights=False)[0]
         return s + self.mlp(from_video_grid(self.bn_mlp(to_video_grid(s, T, self.grid))))
+
+    def forward_lean(self, s: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
+        """`forward` in training, keeping for backward only each branch's input, the attention's q/k/v/output and the
+        temporal branch's hidden state (8 vectors of width d per token instead of 21): the norms, the depthwise conv
+        and the MLP's BN -> Linear -> GELU are recomputed in backward (`recomputed_linear`). The modules run as usual
+        under no_grad (running statistics, hooks); the 1x1x1 convs are applied as the linear maps they are."""
+        bn, conv1, dwconv, conv2 = self.temporal
+        ln, attn, (fc1, act, fc2) = self.ln_attn, self.attn, self.mlp
+        d, grid = s.shape[-1], partial(to_video_grid, T=T, grid=self.grid)
+
+        def bn_fn(x, w, b, eps=bn.eps):  # BatchNorm3d in training, without running statistics
+            return from_video_grid(F.batch_norm(grid(x), None, None, w, b, True, 0.0, eps))
+
+        def dwconv_fn(x, w, b):
+            return from_video_grid(F.conv3d(grid(x), w, b, dwconv.stride, dwconv.padding, groups=dwconv.groups))
+
+        def ln_fn(x, w, b):
+            return F.layer_norm(x, (d,), w, b, ln.eps)
+
+        def mlp_fn(x, bn_w, bn_b, w, b, eps=self.bn_mlp.eps):  # recomputes fc1, GELU: keeps 1 vector instead of 10
+            x = from_video_grid(F.batch_norm(grid(x), None, None, bn_w, bn_b, True, 0.0, eps))
+            return F.gelu(F.linear(x, w, b), approximate=act.approximate)
+
+        # temporal branch: BN -> 1x1x1 -> depthwise (k, 1, 1) -> 1x1x1, keeping s and the first conv's output
+        with torch.no_grad():
+            z = from_video_grid(bn(grid(s)))
+        h = recomputed_linear(bn_fn, s, z, conv1.weight, conv1.bias, bn.weight, bn.bias)
+        with torch.no_grad():
+            z = from_video_grid(dwconv(grid(h)))
+        s = s + recomputed_linear(dwconv_fn, h, z, conv2.weight, conv2.bias, dwconv.weight, dwconv.bias)
+        # [CLS]-shift attention: queries from the patch rows; q, k, v from one in-projection of all 1+L rows
+        cls_pos, pos = split_pos(pos, s.shape[1])
+        x = torch.cat([shift_class_token(cls, T) + cls_pos, s + pos], dim=1)  # (B*T, 1+L, d)
+        with torch.no_grad():
+            z = ln(x)
+        qkv = recomputed_linear(ln_fn, x, z, attn.in_proj_weight, attn.in_proj_bias, ln.weight, ln.bias)
+        q, k, v = qkv.unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)  # (B*T, heads, 1+L, d/heads)
+        out = F.scaled_dot_product_attention(q[:, :, 1:], k, v)  # (B*T, heads, L, d/heads)
+        s = s + attn.out_proj(out.transpose(1, 2).flatten(2))
+        # MLP: BN -> fc1 -> GELU -> fc2, keeping s only
+        with torch.no_grad():
+            z = act(fc1(from_video_grid(self.bn_mlp(grid(s)))))
+        params = (self.bn_mlp.weight, self.bn_mlp.bias, fc1.weight, fc1.bias)
+        return s + recomputed_linear(mlp_fn, s, z, fc2.weight, fc2.bias, *params)
 
 
 class EVASideBlock(nn.Module):
@@ -144,6 +190,7 @@ class Side4Video(VideoMethod):
             self.frame_proj = FrameProjection(backbone)
         self.grid = grid
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.lean_activations = cfg.lean_activations and not eva
 
     @staticmethod
     def _tap(D: int, d: int, order: str) -> nn.Sequential:
@@ -152,6 +199,19 @@ class Side4Video(VideoMethod):
         return (
             nn.Sequential(nn.LayerNorm(D), linear) if order == "norm_linear" else nn.Sequential(linear, nn.LayerNorm(d))
         )
+
+    @staticmethod
+    def _tap_lean(tap: nn.Sequential, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`tap(x.to(dtype))` keeping only the frozen tokens `x` (in the backbone's dtype) for backward: the
+        LayerNorm is recomputed there, and `x` needs no gradient."""
+        ln, linear = tap
+        with torch.no_grad():
+            z = ln(x.to(dtype))
+
+        def ln_fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(x.to(dtype), ln.normalized_shape, w, b, ln.eps)
+
+        return recomputed_linear(ln_fn, x, z, linear.weight, linear.bias, ln.weight, ln.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -169,13 +229,20 @@ class Side4Video(VideoMethod):
         dtype = self.pos.dtype
         s = from_video_grid(self.patch_embed(video.transpose(1, 2).to(dtype)))  # (B*T, L, d)
         n = len(self.indices)
+        lean = self.lean_activations and self.training and torch.is_grad_enabled()
         for tap, block, p, c in zip(self.taps, self.blocks, patches[:n], prefix[:n], strict=True):
-            t = tap(torch.cat([c[:, :, :1], p], dim=2).flatten(0, 1).to(dtype))  # (B*T, 1+L, d)
-            s = 0.5 * s + 0.5 * t[:, 1:]
-            if self.grad_checkpointing and self.training:
-                s = checkpoint(block, s, t[:, :1], self.pos, T, use_reentrant=False)
+            if lean:  # keeps the backbone's own tokens (no fp32 copy, no normalised copy)
+                cls, t = (self._tap_lean(tap, x.flatten(0, 1), dtype) for x in (c[:, :, :1], p))
             else:
-                s = block(s, t[:, :1], self.pos, T)
+                t = tap(torch.cat([c[:, :, :1], p], dim=2).flatten(0, 1).to(dtype))  # (B*T, 1+L, d)
+                cls, t = t[:, :1], t[:, 1:]
+            s = 0.5 * s + 0.5 * t
+            if self.grad_checkpointing and self.training:  # keeps the block's inputs only: recomputes the plain block
+                s = checkpoint(block, s, cls, self.pos, T, use_reentrant=False)
+            elif lean and not isinstance(block.bn_mlp, nn.SyncBatchNorm):  # SyncBN's backward needs the other ranks
+                s = block.forward_lean(s, cls, self.pos, T)
+            else:
+                s = block(s, cls, self.pos, T)
         if not self.num_classes:
             side = self.post_bn(to_video_grid(s, T, self.grid)).mean((3, 4)).transpose(1, 2)  # (B, T, d)
             return self.frame_proj(prefix[-1][:, :, 0].to(dtype) + side @ self.side_proj)  # (B, T, E)
