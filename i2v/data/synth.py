@@ -142,6 +142,24 @@ def _saturated_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(rgb) * 255.0 * rng.uniform(0.75, 1.0)
 
 
+def claim_dir(out: Path, settings: dict) -> None:
+    """Records `settings` in out/synth.json; a directory holding synthetic data made with other settings is refused
+    (re-runs with the same settings reuse what is there)."""
+    marker = out / "synth.json"
+    if marker.exists() and json.loads(marker.read_text()) != settings:
+        raise ValueError(f"{out}: holds synthetic data made with other settings ({marker}); use another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings, indent=1))
+
+
+def write_clip(path: Path, clip: np.ndarray, fps: float) -> None:
+    """Encodes a rendered clip as H.264 mp4 at `path` (temp name, then rename: no half-written file is left)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_video(clip, fps, options={"crf": "20", "preset": "veryfast"}))
+    tmp.replace(path)
+
+
 def make_synthetic(
     out_dir: str | Path,
     *,
@@ -193,11 +211,7 @@ def make_synthetic(
         "size": size,
         "fps": fps,
     }
-    marker = out / "synth.json"
-    if marker.exists() and json.loads(marker.read_text()) != settings:
-        raise ValueError(f"{out}: holds synthetic data made with other settings ({marker}); use another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings, indent=1))
+    claim_dir(out, settings)
     patterns = []
     for split_id, (split, n) in enumerate((("train", train), ("val", val))):
         items = []
@@ -205,13 +219,8 @@ def make_synthetic(
             name = classes[i % len(classes)]
             path = out / "videos" / split / f"{i:06d}_{name}.mp4"
             if not path.exists():
-                clip = render_clip(
-                    name, np.random.default_rng([seed, split_id, i]), frames=frames, height=size, width=size
-                )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_bytes(encode_video(clip, fps, options={"crf": "20", "preset": "veryfast"}))
-                tmp.replace(path)
+                rng = np.random.default_rng([seed, split_id, i])
+                write_clip(path, render_clip(name, rng, frames=frames, height=size, width=size), fps)
             items.append((str(path), name))
         patterns.append(
             pack(

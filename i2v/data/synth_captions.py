@@ -19,7 +19,6 @@ Everything is a function of the seed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,8 +27,7 @@ from typing import Final, NamedTuple
 import numpy as np
 
 from i2v.data.pack import pack
-from i2v.data.synth import _SHAPES, _render_forward
-from i2v.data.video import encode_video
+from i2v.data.synth import _SHAPES, _render_forward, claim_dir, write_clip
 
 _logger = logging.getLogger(__name__)
 
@@ -159,22 +157,14 @@ def make_captioned(
         "size": size,
         "fps": fps,
     }
-    marker = out / "synth.json"
-    if marker.exists() and json.loads(marker.read_text()) != settings:
-        raise ValueError(f"{out}: holds synthetic data made with other settings ({marker}); use another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings, indent=1))
+    claim_dir(out, settings)
     patterns = []
     for split, n in (("train", train), ("test", test)):
         items, captions = [], []
         for i, spec in enumerate(plan_split(split, n, seed)):
             path = out / "videos" / split / f"{i:06d}.mp4"
             if not path.exists():
-                clip = render_spec(spec, split, seed, frames=frames, size=size)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_bytes(encode_video(clip, fps, options={"crf": "20", "preset": "veryfast"}))
-                tmp.replace(path)
+                write_clip(path, render_spec(spec, split, seed, frames=frames, size=size), fps)
             items.append((str(path), f"{split}-{i:06d}"))
             captions.append(captions_for(spec, split))
         patterns.append(
