@@ -9,6 +9,7 @@ recomputed: its gradients are taken from the recomputed input directly.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 class _RecomputedInputLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, x, z, weight, bias, *params):
-        device = x.device.type
-        ctx.fn, ctx.autocast = fn, (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        device = x.device.type  # meta tensors (FLOP counting, the planner) have no autocast
+        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ctx.fn, ctx.autocast = fn, torch.get_autocast_dtype(device) if on else None
         ctx.save_for_backward(x, weight, bias, *params)
         return F.linear(z, weight.flatten(1), bias)  # under the caller's autocast, like a plain F.linear
 
@@ -27,12 +29,11 @@ class _RecomputedInputLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        enabled, dtype = ctx.autocast
         # The recomputed graph lives only inside this backward node: identity hooks keep it out of any saved-tensor
         # accounting around the step (as torch.utils.checkpoint's own recomputation is); its bytes are transient.
         with (
             torch.enable_grad(),
-            torch.autocast(x.device.type, dtype=dtype, enabled=enabled),
+            torch.autocast(x.device.type, dtype=ctx.autocast) if ctx.autocast else contextlib.nullcontext(),
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
         ):
             xr = x.detach().requires_grad_(needs[1])
