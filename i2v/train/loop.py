@@ -86,9 +86,6 @@ class Member:
     last: dict = field(default_factory=dict)  # the member's latest epoch metrics
     task: object = None  # its task (`i2v.tasks`): the loss reads the member's own keys (label smoothing)
 
-    def __post_init__(self):
-        self.task = self.task or get_task(self.cfg)
-
 
 class Trainer:
     """The state of one worker: the members (one, or a cohort's) on one backbone, their step functions, metrics. What
@@ -114,25 +111,26 @@ class Trainer:
         models = []
         for member in member_configs(cfg):
             ckpt.set_rng_state(init_rng)  # every member starts from the random state its solo run builds it in
-            model = get_task(member).build_model(member, backbone)
+            task = get_task(member)
+            model = task.build_model(member, backbone)
             if getattr(member.method, "sync_bn", False):  # batch statistics over all ranks (same state dict as BN)
                 for name, child in model.named_children():
                     if name != "backbone":
                         setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
-            models.append((member, model))
+            models.append((member, task, model))
         self.engine = None  # joint ZeRO-3 engine (recipe B)
         self.members: list[Member] = []
-        if self.zero3 and not models[0][1].backbone_no_grad:  # never a cohort (members are side networks)
+        if self.zero3 and not models[0][2].backbone_no_grad:  # never a cohort (members are side networks)
             from i2v.train import deepspeed as ds
 
-            model = models[0][1]
+            model = models[0][2]
             self.engine, optimizer, scheduler = ds.joint_engine(
                 model,
                 build_optimizer(model, cfg.train),
                 lambda opt: build_scheduler(opt, cfg.train, self.opt_steps_per_epoch),
                 cfg,
             )
-            self.members.append(Member(cfg, model, self.engine, optimizer, scheduler))
+            self.members.append(Member(cfg, model, self.engine, optimizer, scheduler, task=self.task))
         else:
             if self.zero3:
                 from i2v.train import deepspeed as ds
@@ -140,12 +138,12 @@ class Trainer:
                 ds.side_engine(backbone, cfg)  # recipe A: hooks gather the backbone block by block
             else:
                 backbone.to(device)
-            for member, model in models:
-                self.members.append(self._side_member(member, model))
+            for member, task, model in models:
+                self.members.append(self._side_member(member, task, model))
         self.autocast = autocast_for(device, backbone.dtype)
         self.step, self.step_in_epoch = 0, 0
 
-    def _side_member(self, cfg: ExperimentCfg, model: VideoMethod) -> Member:
+    def _side_member(self, cfg: ExperimentCfg, task, model: VideoMethod) -> Member:
         """A member whose trainable part trains beside the frozen backbone (in DDP when there are several ranks)."""
         for p in model.trainable_parameters():  # e.g. ZeroI2V's ln_post in a bf16 tower: AdamW needs fp32
             p.data = p.data.float()
@@ -161,7 +159,8 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         optimizer = build_optimizer(model, cfg.train)
-        return Member(cfg, model, forward, optimizer, build_scheduler(optimizer, cfg.train, self.opt_steps_per_epoch))
+        scheduler = build_scheduler(optimizer, cfg.train, self.opt_steps_per_epoch)
+        return Member(cfg, model, forward, optimizer, scheduler, task=task)
 
     # The single member of a run that is not a cohort.
     model = property(lambda self: self.members[0].model)
