@@ -1,7 +1,9 @@
-"""`i2v bench train | infer`: what each method costs to train and to run, between the two physical bounds.
+"""`i2v bench train | infer | cohort | retrieval`: what each method costs to train and to run, between the two physical
+bounds.
 
     i2v bench train --backbone ViT-B-16 --frames 8 --batch 2 --methods all --json docs/bench/train.json
     i2v bench infer --backbone ViT-B-16 --frames 8 --batch 1 --json docs/bench/infer.json
+    i2v bench retrieval --backbone ViT-B-32 --frames 12 --batch 16 --json docs/bench/retrieval.json
 
 Every row runs in a fresh subprocess (`python -m i2v.bench _worker SPEC`), so one row's allocator state and peak
 never leak into the next. Weights are random (`backbone.pretrained` stays None), data are random tensors of the
@@ -26,6 +28,14 @@ Reference rows bounding every method:
   weights and input). Every method runs this forward, so no method can need less activation memory than this;
   a side network that never back-propagates into the backbone adds only what its own layers save.
 - `full_finetune`: every weight trains (the usual ceiling; an in-block method can still exceed it, see docs/bench.md).
+
+Retrieval rows (`bench retrieval`, `RETRIEVAL_ROWS`): one training step of `task: retrieval` as i2v trains it, on the
+vision + text towers of a random-init CLIP (the task's model, `build_optimizer`'s AdamW groups, the trainer's autocast;
+captions of the full `retrieval.max_words`, symmetric InfoNCE over the batch), measured as above, for Side4Video,
+CLIP4Clip fine-tuning both towers (`full_finetune` + meanP) and CLIP4Clip with a frozen ViT (`linear_probe` + meanP);
+each figure is divided by the fine-tuned CLIP4Clip row's, next to Side4Video's memory figure (5.8 / 3.8 vs 8.2 GB,
+shared/RETRIEVAL_FEWSHOT.md 1.9). `total_mem_mb` is the device peak including the weights (CUDA: every tensor
+allocated; CPU: the whole process's RSS), the figure closest to the paper's "training memory".
 
 MB = 2**20 bytes throughout.
 """
@@ -77,6 +87,17 @@ VARIANTS: Final[dict[str, list[str]]] = {
     "side4video_ckpt": ["method.name=side4video", "method.grad_checkpointing=true"],  # recompute side blocks
     "side4video_plain": ["method.name=side4video", "method.lean_activations=false"],  # plain autograd (before issue 14)
 }
+# `i2v bench retrieval` rows (task: retrieval): Side4Video's memory figure (imgs/memory.png Table 3, MSR-VTT, ViT-B/32;
+# shared/RETRIEVAL_FEWSHOT.md 1.9) as i2v trains each model. Row name -> (config overrides, the figure's GB).
+RETRIEVAL_ROWS: Final[dict[str, tuple[list[str], float]]] = {
+    # CLIP4Clip (meanP): both towers fine-tuned, frame features mean-pooled
+    "clip4clip": (["method.name=full_finetune", "retrieval.interaction=mean"], 8.2),
+    # "CLIP4Clip (frozen ViT)": the vision tower under no_grad, its ln_post / proj copies and the text tower train
+    "clip4clip_frozen_vit": (["method.name=linear_probe", "retrieval.interaction=mean"], 3.8),
+    # Side4Video as its Retrieval code: side width 320, the 197-row side position table, WTI
+    "side4video": (["method.name=side4video", "method.side_width=320", "method.cls_pos=true"], 5.8),
+}
+RETRIEVAL_BASE: Final = "clip4clip"  # the row the others are divided by
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -237,7 +258,37 @@ def train_worker(spec: dict) -> dict:
         else:
             train_step(model, opt, video, labels, amp=amp)
 
-    weights = [*model.parameters(), *model.buffers()]
+    m = measure(step, [*model.parameters(), *model.buffers()], device, spec, opt)
+    record = {
+        "method": spec["row"],
+        "method_name": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "frames": cfg.data.frames,
+        "batch": spec["batch"],
+        "num_classes": cfg.data.num_classes,
+        "device": str(device),
+        "overrides": list(spec["overrides"]),
+        "trainable_params": 0 if floor else sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        **m,
+        "amp": amp,
+        "threads": torch.get_num_threads(),
+    }
+    if floor:  # saves nothing: its working set is the figure
+        record["act_mem_mb"] = record["peak_live_mb"]
+    return record
+
+
+def measure(
+    step: Callable[[], object],
+    weights: list[torch.Tensor],
+    device: torch.device,
+    spec: dict,
+    opt: torch.optim.Optimizer | None = None,
+) -> dict:
+    """The figures of one training step (see the module docstring): `spec["warmup"]` unmeasured steps, then
+    `spec["steps"]` timed ones, the first also probing saved bytes and the device peak, then one under `LiveBytes`.
+    `total_mem_mb` is the device peak including what existed before (weights; on CPU the whole process)."""
     reset_peak(device)
     base, base_reserved = current_mb(device)
     for _ in range(spec["warmup"]):
@@ -252,29 +303,19 @@ def train_worker(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
     with LiveBytes() as live:
         step()
-    record = {
-        "method": spec["row"],
-        "method_name": cfg.method.name,
-        "backbone": cfg.backbone.name,
-        "frames": cfg.data.frames,
-        "batch": spec["batch"],
-        "num_classes": cfg.data.num_classes,
-        "device": str(device),
-        "overrides": list(spec["overrides"]),
-        "trainable_params": 0 if floor else sum(p.numel() for p in params),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "act_mem_mb": (live.peak if floor else act) / MB,
+    out = {
+        "act_mem_mb": act / MB,
         "peak_live_mb": live.peak / MB,
         "peak_mem_mb": peak - base,
+        "total_mem_mb": peak,
         "step_s": statistics.median(t for t, _ in times),
         "step_cpu_s": statistics.median(c for _, c in times),
         "step_times_s": [t for t, _ in times],
-        "amp": amp,
-        "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
-        record["reserved_mb"] = peak_reserved - base_reserved
-    return record
+        out["reserved_mb"] = peak_reserved - base_reserved
+        out["total_reserved_mb"] = peak_reserved
+    return out
 
 
 def infer_worker(spec: dict) -> dict:
@@ -313,6 +354,70 @@ def infer_worker(spec: dict) -> dict:
         "backbone_cpu_s": backbone_cpu,
         "merged_vs_backbone": merged_wall / backbone_wall,
         "merged_vs_backbone_cpu": merged_cpu / backbone_cpu,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def retrieval_config(row: str, backbone: str, frames: int, overrides: Iterable[str] = ()) -> ExperimentCfg:
+    """Config of an `i2v bench retrieval` row; `overrides` apply after the row's keys."""
+    base = ["task=retrieval", f"backbone.name={backbone}", f"data.frames={frames}", *RETRIEVAL_ROWS[row][0]]
+    return load_config(None, list(overrides), defaults=base)
+
+
+def retrieval_worker(spec: dict) -> dict:
+    """One retrieval training step as i2v trains it (the task's model, `build_optimizer`'s AdamW groups, the trainer's
+    autocast): video + full-length caption ids -> features -> symmetric InfoNCE over the batch -> backward -> step."""
+    from i2v.backbone import load_backbone
+    from i2v.tasks import get_task
+    from i2v.tasks.retrieval import contrastive_loss
+    from i2v.train.loop import autocast_for
+    from i2v.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cfg = retrieval_config(spec["row"], spec["backbone"], spec["frames"], spec["overrides"])
+    model = get_task(cfg).build_model(cfg, load_backbone(cfg.backbone, device=device)).train()
+    for p in model.trainable_parameters():  # as the trainer does: AdamW on fp32 copies
+        p.data = p.data.float()
+    opt = build_optimizer(model, cfg.train)
+    B, L = spec["batch"], cfg.retrieval.max_words
+    video = torch.randn(B, cfg.data.frames, 3, *model.backbone.image_size, device=device)
+    vocab = model.text.tower.token_embedding.num_embeddings
+    text = torch.randint(1, vocab - 2, (B, L), device=device)  # captions of the full max_words: SOT ... EOT
+    text[:, 0], text[:, -1] = vocab - 2, vocab - 1
+    autocast = autocast_for(device, model.backbone.dtype)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss, _ = contrastive_loss(model(video, text), cfg.retrieval.interaction)
+        loss.backward()
+        opt.step()
+
+    m = measure(step, [*model.parameters(), *model.buffers()], device, spec, opt)
+    trainable = model.trainable_parameters()
+    return {
+        "method": spec["row"],
+        "method_name": cfg.method.name,
+        "interaction": cfg.retrieval.interaction,
+        "clip_train": cfg.retrieval.clip_train,
+        "backbone": cfg.backbone.name,
+        "precision": cfg.backbone.precision,
+        "autocast": str(autocast.fast_dtype) if autocast._enabled else None,
+        "frames": cfg.data.frames,
+        "batch": B,
+        "max_words": L,
+        "device": str(device),
+        "overrides": list(spec["overrides"]),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "vision_trainable_params": sum(
+            p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")
+        ),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        **m,
+        "paper_gb": RETRIEVAL_ROWS[spec["row"]][1],
         "threads": torch.get_num_threads(),
     }
 
@@ -480,6 +585,52 @@ def bench_train(
     return add_ratios(records)
 
 
+def bench_retrieval(
+    backbone: str = "ViT-B-32",
+    frames: int = 12,
+    batch: int = 16,
+    rows: Iterable[str] = tuple(RETRIEVAL_ROWS),
+    device: str = "cpu",
+    steps: int = 3,
+    warmup: int = 1,
+    overrides: Iterable[str] = (),
+    side_overrides: Iterable[str] = (),
+    threads: int = 0,
+) -> list[dict]:
+    """One retrieval training step of each `RETRIEVAL_ROWS` row (one subprocess each), with every figure divided by
+    the fine-tuned CLIP4Clip row's (`*_vs_clip4clip`) and the memory figure's ratio beside it (`paper_vs_clip4clip`).
+
+    Args:
+        overrides: config overrides for every row (e.g. backbone.precision=bf16).
+        side_overrides: overrides for the side4video row only (e.g. method.side_width=64 on a tiny tower).
+    """
+    rows = list(dict.fromkeys(rows))
+    unknown = [r for r in rows if r not in RETRIEVAL_ROWS]
+    if unknown or RETRIEVAL_BASE not in rows:
+        raise ValueError(f"--rows: {rows} must name {RETRIEVAL_BASE!r} and only rows of {list(RETRIEVAL_ROWS)}")
+    records = []
+    for row in [RETRIEVAL_BASE, *(r for r in rows if r != RETRIEVAL_BASE)]:
+        extra = [*overrides, *(side_overrides if row == "side4video" else ())]
+        spec = dict(row=row, backbone=backbone, frames=frames, batch=batch, device=device, steps=steps)
+        spec |= dict(warmup=warmup, overrides=extra, threads=threads, mode="retrieval")
+        records.append(run_isolated(spec))
+        r = records[-1]
+        _logger.info(
+            "%-22s act %8.1f MB  peak %8.1f MB  total %8.1f MB  %.2f s/step",
+            row,
+            r["act_mem_mb"],
+            r["peak_mem_mb"],
+            r["total_mem_mb"],
+            r["step_s"],
+        )
+    base = records[0]
+    for r in records:
+        for key in ("act_mem_mb", "peak_live_mb", "peak_mem_mb", "total_mem_mb", "step_cpu_s"):
+            r[f"{key.removesuffix('_mb').removesuffix('_s')}_vs_{RETRIEVAL_BASE}"] = r[key] / max(base[key], 1e-9)
+        r[f"paper_vs_{RETRIEVAL_BASE}"] = r["paper_gb"] / base["paper_gb"]
+    return records
+
+
 def add_ratios(records: list[dict]) -> list[dict]:
     """Adds `{act,live,peak,step}_vs_{floor,full}`: each figure of `RATIOS` over the floor's and full fine-tuning's."""
     ref = {r["method"]: r for r in records}
@@ -556,6 +707,28 @@ def markdown_train(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_retrieval(records: list[dict]) -> str:
+    r0 = records[0]
+    lines = [
+        f"{Path(r0['backbone']).stem}, {r0['frames']} frames, batch {r0['batch']}, {r0['max_words']} tokens, "
+        f"{r0['device']}, {r0['precision']}{' + ' + r0['autocast'] + ' autocast' if r0['autocast'] else ''}; "
+        f"ratios to `{RETRIEVAL_BASE}`",
+        "",
+        "| row | trainable | of it vision | act MB | act ratio | peak live MB | live ratio | device peak MB | "
+        "peak ratio | total MB | total ratio | step CPU s | paper GB | paper ratio |",
+        "|---" + "|---:" * 13 + "|",
+    ]
+    for r in records:
+        lines.append(
+            f"| `{r['method']}` | {r['trainable_params']:,} | {r['vision_trainable_params']:,} | "
+            f"{r['act_mem_mb']:,.0f} | **{r['act_mem_vs_clip4clip']:.2f}** | {r['peak_live_mb']:,.0f} | "
+            f"{r['peak_live_vs_clip4clip']:.2f} | {r['peak_mem_mb']:,.0f} | {r['peak_mem_vs_clip4clip']:.2f} | "
+            f"{r['total_mem_mb']:,.0f} | {r['total_mem_vs_clip4clip']:.2f} | {r['step_cpu_s']:.2f} | "
+            f"{r['paper_gb']} | {r['paper_vs_clip4clip']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_infer(records: list[dict]) -> str:
     head = (
         "| method | GFLOPs / clip | merged GFLOPs | GFLOPs / image tower | ms / clip | merged ms | "
@@ -598,7 +771,12 @@ def plot_train(records: list[dict], path: Path) -> None:
 
 def write_outputs(records: list[dict] | dict, json_path: str | Path, kind: str) -> list[Path]:
     """Writes PATH (JSON), PATH.md (Markdown table) and, for training, PATH.png, each atomically; returns the paths."""
-    markdown = {"train": markdown_train, "infer": markdown_infer, "cohort": markdown_cohort}[kind]
+    markdown = {
+        "train": markdown_train,
+        "infer": markdown_infer,
+        "cohort": markdown_cohort,
+        "retrieval": markdown_retrieval,
+    }[kind]
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(records, indent=2) + "\n")
@@ -716,6 +894,27 @@ def _cohort_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_cmd(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    records = bench_retrieval(
+        args.backbone,
+        frames=args.frames,
+        batch=args.batch,
+        rows=[r.strip() for r in args.rows.split(",") if r.strip()],
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        overrides=args.set,
+        side_overrides=args.side_set,
+        threads=args.threads,
+    )
+    print(markdown_retrieval(records))
+    if args.json:
+        for p in write_outputs(records, args.json, "retrieval"):
+            print(f"wrote {p}")
+    return 0
+
+
 def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kind = args.bench_command
@@ -779,13 +978,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--project", default="EVA02-E-14", help="backbone to project the FLOP ratio to ('' for none)")
     p.add_argument("--json", default=None, metavar="PATH", help="write PATH (+ .md table)")
     p.set_defaults(func=_cohort_cmd)
+    p = sub.add_parser(
+        "retrieval", help="retrieval training memory: Side4Video vs fine-tuned CLIP4Clip (memory figure)"
+    )
+    p.add_argument("--backbone", default="ViT-B-32", help="open_clip model name or model-config .json (random init)")
+    p.add_argument("--frames", type=int, default=12, help="frames per clip (the reference's --max_frames 12)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="clips (one caption each) per step; 16 = the reference recipe's per-GPU batch (128 over 8 GPUs), the "
+        "memory figure's own batch is not stated",
+    )
+    p.add_argument("--rows", default=",".join(RETRIEVAL_ROWS), help=f"comma list of {', '.join(RETRIEVAL_ROWS)}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every row")
+    p.add_argument("--side-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the side4video row")
+    p.add_argument("--json", default=None, metavar="PATH", help="write PATH (+ .md table)")
+    p.set_defaults(func=_retrieval_cmd)
     return parser
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_worker"]:
         spec = json.loads(sys.argv[2])
-        workers = {"infer": infer_worker, "cohort": cohort_worker}
+        workers = {"infer": infer_worker, "cohort": cohort_worker, "retrieval": retrieval_worker}
         print(json.dumps(workers.get(spec.get("mode"), train_worker)(spec)))
         sys.exit(0)
     _parser = argparse.ArgumentParser(prog="python -m i2v.bench")

@@ -158,6 +158,11 @@ def plan(
         for a cohort also `solo_total_gb` (its first member alone), `per_member_gb` (what each further member adds)
         and `max_cohort` (most such members that fit at `batch`).
     """
+    if cfg.task != "classification":  # its step: two towers, and a contrastive similarity quadratic in the batch
+        raise ValueError(
+            f"task: {cfg.task}: i2v plan models classification steps only; measure a retrieval step with "
+            "`i2v bench retrieval` (e.g. --device cuda)"
+        )
     out = {"backbone": cfg.backbone.name, "method": cfg.method.name, "precision": cfg.backbone.precision, "amp": amp}
     out["frames"] = cfg.data.frames
     m = measure_step(cfg, (1, 2), amp=amp, cohort=cohort)

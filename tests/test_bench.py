@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import ROOT, TINY_VIT
 
 from i2v import bench, plan
 from i2v.bench import CEILING, FLOOR, LiveBytes, saved_bytes
 
+TINY_CLIP = str(ROOT / "configs/backbones/i2v-tiny-clip.json")  # vision + text towers
 REQUIRED = {"method", "peak_mem_mb", "act_mem_mb", "step_s", "trainable_params", "peak_live_mb"}
 
 
@@ -110,3 +111,32 @@ def test_cohort_bench_measures_cohorts_against_separate_steps_and_projects_flops
     assert ratios[2] == pytest.approx((b + 4 * s) / (4 * (b + s)))
     md = bench.markdown_cohort({"rows": [r | {"flop_ratio": 1.0} for r in rows], "projection": None})
     assert "| 2 |" in md
+
+
+def test_retrieval_bench_compares_side4video_with_fine_tuned_clip4clip(tmp_path, monkeypatch, capsys):
+    """`i2v bench retrieval` end to end on the tiny CLIP (vision + text towers): every row trains (positive figures),
+    Side4Video's frozen tower under no_grad keeps fewer saved bytes than fine-tuning both towers, and the figure's
+    ratios sit beside the measured ones."""
+    from i2v.cli import main as i2v_main
+
+    monkeypatch.setattr(bench, "run_isolated", bench.retrieval_worker)  # in-process; spawning is tested above
+    out = tmp_path / "retrieval.json"
+    args = ["bench", "retrieval", "--backbone", TINY_CLIP, "--frames", "4", "--batch", "4", "--steps", "1"]
+    args += ["--warmup", "0", "--side-set", "method.side_width=16", "method.side_head_dim=8", "--json", str(out)]
+    assert i2v_main(args) == 0
+    records = json.loads(out.read_text())
+    rows = {r["method"]: r for r in records}
+    assert list(rows) == ["clip4clip", "clip4clip_frozen_vit", "side4video"]
+    for r in records:
+        for key in ("act_mem_mb", "peak_live_mb", "peak_mem_mb", "total_mem_mb", "step_s", "trainable_params"):
+            assert r[key] > 0, (r["method"], key)
+    full, side = rows["clip4clip"], rows["side4video"]
+    assert full["vision_trainable_params"] > 0 and side["vision_trainable_params"] == 0
+    assert side["act_mem_mb"] < full["act_mem_mb"]
+    assert side["act_mem_vs_clip4clip"] == pytest.approx(side["act_mem_mb"] / full["act_mem_mb"])
+    assert side["paper_vs_clip4clip"] == pytest.approx(5.8 / 8.2)
+    assert (full["interaction"], side["interaction"]) == ("mean", "wti")
+    md = out.with_suffix(".md").read_text()
+    assert all(f"| `{name}` |" in md for name in rows) and md in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--rows"):
+        bench.bench_retrieval(TINY_CLIP, rows=["side4video"])

@@ -13,10 +13,11 @@ from conftest import tiny_cfg
 from data_fixtures import packed_stamps
 
 from i2v.cli import main
-from i2v.config import DataCfg
+from i2v.config import DataCfg, load_config
 from i2v.data.cli import run_stats
 from i2v.data.subset import Clip, draw_percent, make_subset
 from i2v.data.wds import build_eval_loader, build_train_loader, count_samples, expand_shards, steps_per_epoch
+from i2v.tasks.retrieval import validate_data
 from i2v.train.driver import validate
 
 
@@ -134,3 +135,38 @@ def test_cli_percent_records_rule_seed_and_counts(src, tmp_path):
     assert index["classes"] == {"class0": 3, "class1": 3, "class2": 3}
     rec = index["subset"]
     assert (rec["rule"], rec["percent"], rec["seed"], rec["source_samples"]) == ("percent/per_class", 0.5, 2, 18)
+
+
+def test_retrieval_packs_get_caption_stats_and_percent_subsets(tmp_path, capsys):
+    """A retrieval pack (`synth --captions`): `data stats` counts videos, captions per video and caption lengths over
+    the (video, caption) pairs training reads; `data subset --percent` keeps whole videos with all their captions, and
+    the subset is still a retrieval pack (stats, caption count, training config check); class rules are refused."""
+    from i2v.data.retrieval import read_metas
+    from i2v.data.synth_captions import make_captioned
+    from i2v.data.wds import count_captions
+
+    src = Path(make_captioned(tmp_path / "caps", train=8, test=2, frames=4, size=24, shard_samples=4).train).parent
+    metas = read_metas(str(src))
+    report = run_stats(str(src), frames=4, size=24, batch_size=4)
+    words = [len(c.split()) for m in metas for c in m["captions"]]
+    assert (report["task"], report["videos"], report["skipped"]) == ("retrieval", 8, 0)
+    assert report["captions"] == report["clips"] == sum(len(m["captions"]) for m in metas) == 24
+    assert report["captions_per_video"] == {"min": 3, "mean": 3.0, "max": 3}
+    assert report["caption_words"]["min"] == min(words) and report["caption_words"]["max"] == max(words)
+    assert report["caption_tokens"]["min"] >= 1 and report["truncated"] == 0
+    assert main(["data", "stats", str(src), "--frames", "4", "--size", "24"]) == 0
+    assert "videos:   8" in capsys.readouterr().out
+
+    index = subset(src, tmp_path / "half", "--percent", "0.5", "--seed", "1")
+    assert (index["task"], index["samples"], index["captions"]) == ("retrieval", 4, 12)
+    assert not (tmp_path / "half/labels.json").exists()
+    kept = (tmp_path / "half/list.txt").read_text().split()
+    assert len(kept) == 4 and set(kept) <= {m["video_id"] for m in metas}
+    assert count_captions(str(tmp_path / "half")) == 12
+    half = run_stats(str(tmp_path / "half"), frames=4, size=24, batch_size=4)
+    assert (half["videos"], half["captions"]) == (4, 12)
+    cfg = load_config(None, ["task=retrieval", f"data.train_shards={tmp_path / 'half'}"])
+    validate_data(cfg)  # a retrieval subset passes the retrieval shard check
+    for args in (["--shots", "1"], ["--percent", "0.5", "--rule", "first"]):
+        with pytest.raises(ValueError, match="a retrieval pack .* has no classes"):
+            subset(src, tmp_path / "bad", *args)

@@ -52,6 +52,8 @@ def test_plan_terms_fit_and_largest_batch():
         room = p["usable_gb"] - part["frozen_weights_gb"] - part["trainable_and_adamw_gb"] - p["step_fixed_gb"]
         assert part["max_batch"] * p["step_per_clip_gb"] <= room < (part["max_batch"] + 1) * p["step_per_clip_gb"]
     assert "largest batch per GPU" in format_plan(p)
+    with pytest.raises(ValueError, match="task: retrieval: i2v plan models classification steps only"):
+        plan(tiny_cfg("side4video", "task=retrieval"), batch=4, gpus=1, gpu_mem_gb=1.0)  # not the classifier's plan
 
 
 def test_predict_partitions_in_block_methods_and_reports_what_does_not_fit():

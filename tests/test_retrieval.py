@@ -27,7 +27,7 @@ from i2v.text import load_text_tower, tokenize
 from i2v.train.optim import param_groups
 
 TINY_CLIP = str(ROOT / "configs/backbones/i2v-tiny-clip.json")  # the tiny ViT + a 2-block text tower (CLIP BPE)
-TINY = {"side4video": ["method.side_width=32", "method.side_head_dim=16"], "linear_probe": []}
+TINY = {"side4video": ["method.side_width=32", "method.side_head_dim=16"], "linear_probe": [], "full_finetune": []}
 
 
 def retrieval_cfg(method: str = "side4video", *overrides: str):
@@ -114,6 +114,24 @@ def test_side4video_starts_from_clip_frame_embeddings_and_trains():
             assert model.method.side_proj.grad.abs().sum() > 0
         assert model.logit_scale.grad is not None and model.text.tower.text_projection.grad.abs().sum() > 0
     torch.testing.assert_close(frames["side4video"], frames["linear_probe"])
+
+
+def test_full_finetune_trains_both_towers_as_clip4clip():
+    """method.name=full_finetune under task: retrieval is CLIP4Clip: the backward reaches the vision tower's blocks
+    (every trainable parameter gets a gradient, as DDP requires: the tower's own ln_post / proj, which the frame
+    projection copies, do not train), and under low_lr the vision tower trains at lr x coef_lr like the text tower."""
+    cfg = retrieval_cfg("full_finetune", "retrieval.interaction=mean")
+    model = build(cfg).train()
+    out = model(torch.randn(2, 4, 3, 32, 32), tokenize(["a red square moving left", "a blue circle"], 32))
+    loss, _ = get_task(cfg).loss(out)
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not [n for n, p in trainable.items() if p.grad is None]
+    blocks = [n for n in trainable if n.startswith("backbone.") and ".resblocks." in n]
+    assert blocks and all(trainable[n].grad.abs().sum() > 0 for n in blocks)
+    assert not model.backbone.visual.proj.requires_grad and not model.backbone.visual.ln_post.weight.requires_grad
+    factors = {id(p): g["lr"] / cfg.train.lr for g in param_groups(model, cfg.train) for p in g["params"]}
+    assert {factors[id(trainable[n])] for n in blocks} == {cfg.retrieval.coef_lr}
 
 
 def test_text_tower_loads_a_full_clip_checkpoint(tmp_path):

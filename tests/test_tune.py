@@ -13,10 +13,20 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_cfg
 
+from i2v.backbone import load_backbone
 from i2v.cli import main as i2v_main
 from i2v.config import ConfigError
 from tune.spaces import load_space
-from tune.sweep import DRIVER_RESOURCE, count_trials, group_cohorts, plan_sweep, sample_configs
+from tune.sweep import (
+    DRIVER_RESOURCE,
+    count_trials,
+    group_cohorts,
+    plan_sweep,
+    results_table,
+    sample_configs,
+    sweep_metric,
+    write_outputs,
+)
 from tune.sweep import main as sweep_main
 
 pytestmark = pytest.mark.timeout(900)
@@ -63,6 +73,47 @@ def test_named_bottleneck_space_follows_the_method():
     assert set(load_space("bottleneck", "m_adapter")) == {"method.width", "train.lr"}
     with pytest.raises(ValueError, match="no entry for method 'linear_probe'"):
         load_space("bottleneck", "linear_probe")
+
+
+def test_a_retrieval_sweep_optimises_t2v_r1(tmp_path):
+    """Without Ray: a retrieval config's sweep ranks trials by T2V R@1 (max) where classification uses val top-1, and
+    the results table, best.yaml and the trainable-parameter count (text tower and WTI included) follow it."""
+    import pandas as pd
+
+    from i2v.config import load_config
+    from i2v.tasks import get_task
+
+    tiny_clip = str(ROOT / "configs/backbones/i2v-tiny-clip.json")
+    base = load_config(
+        None,
+        [],
+        defaults=["task=retrieval", f"backbone.name={tiny_clip}", "data.frames=4", "method.name=side4video"]
+        + ["method.side_width=32", "method.side_head_dim=16"],
+    )
+    assert sweep_metric(base) == ("t2v_r1", "max") and sweep_metric(tiny_cfg("side4video")) == ("val_top1", "max")
+
+    class Result:  # what results_table reads of a ray.tune Result
+        def __init__(self, trial: str, width: int, r1: list[float], top1: list[float]):
+            self.path, self.config, self.error, self.metrics = (
+                f"trial_fn_{trial}",
+                {"method.side_width": width},
+                None,
+                {},
+            )
+            epochs = {"epoch": [1, 2], "t2v_r1": r1, "val_top1": top1, "peak_mem_mb": [9.0, 9.0]}
+            self.metrics_dataframe = pd.DataFrame(epochs | {"train_clips_per_s": [1.0, 1.0], "done": [False, True]})
+            self.metrics = {"done": True}
+
+    results = [Result("aaaaa_00000", 16, [10.0, 20.0], [0.9, 0.9]), Result("bbbbb_00001", 48, [30.0, 25.0], [0.1, 0.1])]
+    rows = results_table(results, base, metric="t2v_r1")
+    assert [(r["trial"], r["best_t2v_r1"]) for r in rows] == [("bbbbb_00001", 30.0), ("aaaaa_00000", 20.0)]
+    model = get_task(base).build_model(base, load_backbone(base.backbone, device="meta"))  # width 32
+    assert rows[0]["trainable_params"] > sum(p.numel() for p in model.method.parameters() if p.requires_grad) > 0
+    write_outputs(rows, tmp_path, base, "t2v_r1")
+    assert read_rows(tmp_path)[0]["best_t2v_r1"] == "30.0"
+    best = (tmp_path / "best.yaml").read_text()
+    assert best.startswith("# Best trial bbbbb_00001") and "(t2v_r1 30.0000)" in best
+    assert yaml.safe_load(best)["method"]["side_width"] == 48
 
 
 def test_plan_counts_trials_and_admits_only_what_the_cluster_holds(capsys):

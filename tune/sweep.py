@@ -66,6 +66,12 @@ class Plan:
         )
 
 
+def sweep_metric(cfg: ExperimentCfg) -> tuple[str, str]:
+    """(metric, mode) a sweep of `cfg` optimises (ASHA's rungs, the best trial, `best.yaml`): the per-epoch validation
+    metric the task reports, `val_top1` for classification, T2V R@1 (`t2v_r1`, percent) for retrieval; both "max"."""
+    return ("t2v_r1", "max") if cfg.task == "retrieval" else ("val_top1", "max")
+
+
 def count_trials(param_space: dict, num_samples: int) -> int:
     """Tune runs every grid point `num_samples` times (random domains are sampled once per trial)."""
     return num_samples * math.prod(len(v["grid_search"]) for v in param_space.values() if _is_grid(v))
@@ -228,6 +234,7 @@ def run_sweep(
     base = load_config(config, trial_overrides, defaults=overrides)  # --trial-set may replace a --set key
     params = load_space(space, base.method.name)
     validate(base)  # data and model problems fail here, before any trial
+    metric, mode = sweep_metric(base)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"tune: sweep directory {out}", flush=True)
@@ -244,7 +251,10 @@ def run_sweep(
     init_ray(address, verbose, resources={DRIVER_RESOURCE: 1})  # a local cluster: drivers take no CPU
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     plan = plan_sweep(nodes, base, count_trials(params, 1 if cohorts else num_samples), max_concurrent)
-    print(f"tune: plan: {plan.describe()}; a failed trial restarts {max_failures}x", flush=True)
+    print(
+        f"tune: plan: {plan.describe()}; a failed trial restarts {max_failures}x; optimising {metric} ({mode})",
+        flush=True,
+    )
     halving = ASHA_FACTOR if scheduler == "asha" and cohorts and base.data.val_shards else 0
     trainable = ray.tune.with_resources(  # the trial driver itself needs (almost) nothing; its workers hold CPUs/GPUs
         ray.tune.with_parameters(
@@ -271,8 +281,8 @@ def run_sweep(
             trainable,
             param_space=params,
             tune_config=ray.tune.TuneConfig(
-                metric="val_top1",
-                mode="max",
+                metric=metric,
+                mode=mode,
                 num_samples=num_samples,
                 max_concurrent_trials=plan.concurrency,
                 scheduler=sched,
@@ -285,8 +295,8 @@ def run_sweep(
             ),
         )
     results = tuner.fit()  # Ctrl-C: Tune stops the trials, saves the experiment and returns what it has
-    rows = results_table(results, base, cohorts)
-    write_outputs(rows, out, load_config(config, list(overrides)))
+    rows = results_table(results, base, cohorts, metric)
+    write_outputs(rows, out, load_config(config, list(overrides)), metric)
     # Interrupted: trials stopped mid-run, and grid points Tune had not generated yet (they have no row at all).
     configs = sum(map(len, cohorts)) if cohorts else plan.trials
     left = sum(r["status"] == "unfinished" for r in rows) + max(0, configs - len(rows))
@@ -310,10 +320,17 @@ def _cohorts(out: Path, params: dict, num_samples: int, size: int, base: Experim
     return cohorts
 
 
-def results_table(results, base: ExperimentCfg, cohorts: list[list[dict]] | None = None) -> list[dict]:
-    """One row per configuration: its hyperparameters, best val top-1, peak memory, clips/s, trainable params, status
-    (a cohort trial gives one row per member, and the `cohort` column names the trial its members shared)."""
-    from i2v.methods import create_model
+def results_table(
+    results, base: ExperimentCfg, cohorts: list[list[dict]] | None = None, metric: str = "val_top1"
+) -> list[dict]:
+    """One row per configuration: its hyperparameters, best `metric` (column `best_<metric>`), peak memory, clips/s,
+    trainable params, status (a cohort trial gives one row per member, and the `cohort` column names the trial its
+    members shared); best first."""
+    from i2v.backbone import load_backbone
+    from i2v.tasks import get_task
+
+    def create_model(cfg: ExperimentCfg, device: str):  # the task's model (retrieval: + text tower, WTI)
+        return get_task(cfg).build_model(cfg, load_backbone(cfg.backbone, device=device))
 
     # A Result carries no trial status, and a restored experiment may hold a finished trial's last result from before
     # its final report (no `done`): Tune's own trial status is the record (a private attribute, hence the fallback).
@@ -328,18 +345,19 @@ def results_table(results, base: ExperimentCfg, cohorts: list[list[dict]] | None
             "error": _first_line(r.error) if r.error else "",
         }
         if cohorts is None:
-            rows.append(_row(trial, dict(r.config or {}), df, "", base, create_model))
+            rows.append(_row(trial, dict(r.config or {}), df, "", base, create_model, metric))
             continue
         for k, params in enumerate(cohorts[(r.config or {})["cohort"]]):
-            row = _row(trial, params, df, f"m{k}/", base, create_model)
+            row = _row(trial, params, df, f"m{k}/", base, create_model, metric)
             rows.append({"trial": f"{row.pop('trial')}/m{k}", "cohort": trial["trial"], **row})
-    rows.sort(key=lambda row: -1 if row["best_val_top1"] is None else row["best_val_top1"], reverse=True)
+    best = f"best_{metric}"
+    rows.sort(key=lambda row: -math.inf if row[best] is None else row[best], reverse=True)
     return rows
 
 
-def _row(trial: dict, params: dict, df, prefix: str, base: ExperimentCfg, create_model) -> dict:
+def _row(trial: dict, params: dict, df, prefix: str, base: ExperimentCfg, create_model, metric: str) -> dict:
     """A results row from a trial's metrics (`prefix`: a cohort member's `m{k}/` keys)."""
-    val = f"{prefix}val_top1"
+    val = f"{prefix}{metric}"
     has = df is not None and val in df and df[val].notna().any()
     trainable = None
     try:
@@ -358,7 +376,7 @@ def _row(trial: dict, params: dict, df, prefix: str, base: ExperimentCfg, create
         "trial": trial["trial"],
         "status": status,
         **params,
-        "best_val_top1": float(df[val].max()) if has else None,
+        f"best_{metric}": float(df[val].max()) if has else None,
         "epochs": epochs,
         "peak_mem_mb": float(df["peak_mem_mb"].max()) if has else None,
         "train_clips_per_s": float(df["train_clips_per_s"].iloc[-1]) if has else None,
@@ -391,7 +409,7 @@ def write_csv(rows: list[dict], path: Path) -> list[str]:
     return keys
 
 
-def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None:
+def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg, metric: str = "val_top1") -> None:
     """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically."""
     keys = write_csv(rows, out / "results.csv")
     md = markdown(rows, keys)
@@ -404,15 +422,15 @@ def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None
         )
     atomic_write(out / "results.md", md + "\n")
     print(md, flush=True)
-    ok = [r for r in rows if r["status"] == "ok" and r["best_val_top1"] is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r[f"best_{metric}"] is not None]
     if ok:
         best = ok[0]
         params = {k: best[k] for k in keys if "." in k}
         cfg = with_overrides(best_base.to_dict(), params, source="best trial")
-        header = f"# Best trial {best['trial']} of the sweep in {out} (val top-1 {best['best_val_top1']:.4f}).\n"
+        header = f"# Best trial {best['trial']} of the sweep in {out} ({metric} {best[f'best_{metric}']:.4f}).\n"
         atomic_write(out / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(f"tune: best config written to {out / 'best.yaml'} ({params})", flush=True)
-    plot(rows, out / "sweep.png")
+    plot(rows, out / "sweep.png", metric)
 
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
@@ -430,7 +448,7 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, metric: str = "val_top1") -> None:
     """Accuracy and peak memory against the bottleneck / side-network width (one marker per learning rate)."""
     import matplotlib
 
@@ -438,7 +456,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     width_key = next((k for k in WIDTH_KEYS if any(k in r for r in rows)), None)
-    ok = [r for r in rows if r["status"] == "ok" and r["best_val_top1"] is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r[f"best_{metric}"] is not None]
     series: dict[str, list[dict]] = {}  # one line per learning rate (or one line for all)
     for r in ok:
         lr = r.get("train.lr")
@@ -447,9 +465,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for label, rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r.get(width_key, 0) if width_key else 0)
         x = [r.get(width_key, i) if width_key else i for i, r in enumerate(rs)]
-        ax1.plot(x, [r["best_val_top1"] for r in rs], "o-", label=label)
+        ax1.plot(x, [r[f"best_{metric}"] for r in rs], "o-", label=label)
         ax2.plot(x, [r["peak_mem_mb"] for r in rs], "o-", label=label)
-    for ax, title in ((ax1, "best val top-1"), (ax2, "peak memory per worker (MB)")):
+    for ax, title in ((ax1, f"best {metric}"), (ax2, "peak memory per worker (MB)")):
         ax.set_xlabel(width_key or "trial")
         ax.set_title(title)
         ax.grid(alpha=0.3)

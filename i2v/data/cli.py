@@ -69,7 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("subset", help="K-shot / data-percentage / fixed-list subset of a pack (no bytes copied)")
+    p = sub.add_parser(
+        "subset", help="K-shot / data-percentage / fixed-list subset of a pack (no bytes copied; retrieval: --percent)"
+    )
     p.add_argument("src", type=Path, help="`i2v data pack` output directory to draw from (e.g. split-N train)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--shots", type=int, help="exactly K clips of every class, without replacement")
@@ -100,7 +102,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=int, default=1, help="packing processes")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("stats", help="run the training pipeline once over shards; report clips, skips, labels, speed")
+    p = sub.add_parser(
+        "stats",
+        help="run the training pipeline once over shards; report clips, skips, labels (retrieval: videos, captions), "
+        "speed",
+    )
     p.add_argument("shards", help="`i2v data pack` output dir or a pattern, e.g. 'DIR/shard-{000000..000009}.tar'")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
@@ -108,6 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--stride", type=int, default=4, help="dense sampler stride")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument(
+        "--max-words", type=int, default=32, help="retrieval: caption ids incl. SOT/EOT (retrieval.max_words)"
+    )
     p.add_argument("--json", type=Path, help="also write the report here")
     p.set_defaults(func=cmd_stats)
     return parser
@@ -195,6 +204,8 @@ def cmd_subset(args: argparse.Namespace) -> int:
     print(
         f"{index['samples']} of {record['source_samples']} clips ({record['rule']}, seed {record['seed']}): {args.out}"
     )
+    if "captions" in index:
+        print(f"{index['captions']} captions (retrieval)")
     print(f"list: {args.out / 'list.txt'}  sha256 {record['list_sha256']}")
     return 0
 
@@ -253,6 +264,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         stride=args.stride,
         batch_size=args.batch_size,
         workers=args.workers,
+        max_words=args.max_words,
     )
     print(format_stats(report))
     if args.json:
@@ -270,15 +282,27 @@ def run_stats(
     stride: int = 4,
     batch_size: int = 8,
     workers: int = 0,
+    max_words: int = 32,
 ) -> dict:
     """One exactly-once pass of the training pipeline (augmentation included) over `shards`.
 
+    Retrieval shards (index.json `"task": "retrieval"`) are read as `task: retrieval` trains on them: one sample per
+    (video, caption) pair, and the report counts videos and captions instead of labels.
+
     Returns:
         {"clips", "skipped", "skipped_samples": [{"key", "reason"}], "skip_reasons", "labels": {name: count},
-        "clips_per_s", "seconds", "video_shape"}.
+        "clips_per_s", "seconds", "video_shape"}; for retrieval shards "task": "retrieval", "clips" = pairs, and
+        "videos", "captions", "captions_per_video", "caption_words" and "caption_tokens" ({"min", "mean", "max"};
+        tokens: CLIP BPE without SOT/EOT), "truncated" (captions longer than `max_words` - 2 tokens), "max_words"
+        instead of "labels".
     """
     from i2v.config import DataCfg
-    from i2v.data.wds import build_train_loader, read_label_map
+    from i2v.data.wds import _read_sibling, build_train_loader, read_label_map
+
+    try:
+        task = json.loads(_read_sibling(shards, "index.json")).get("task", "classification")
+    except (OSError, ValueError):
+        task = "classification"  # hand-made shards without an index: read as classification shards
 
     cfg = DataCfg(
         train_shards=shards,
@@ -290,7 +314,9 @@ def run_stats(
         num_workers=workers,
         flip=False,
     )
-    loader = build_train_loader(cfg, resampled=False)  # raises for a path that matches nothing
+    loader = build_train_loader(cfg, resampled=False, captions=task == "retrieval")  # raises if nothing matches
+    if task == "retrieval":
+        return _caption_stats(shards, loader, max_words)
     try:
         names = read_label_map(shards)
     except (OSError, ValueError) as e:
@@ -316,13 +342,65 @@ def run_stats(
     }
 
 
+def _caption_stats(shards: str, loader, max_words: int) -> dict:
+    """`run_stats` of retrieval shards: the pass over (video, caption) pairs, with video and caption counts."""
+    import statistics
+
+    from i2v.text import _tokenizer
+
+    tokenizer = _tokenizer(max_words)
+    per_video, words, tokens, clips, shape = Counter(), [], [], 0, None
+    start = time.perf_counter()
+    for video, metas in loader:
+        clips += len(metas)
+        shape = list(video.shape[1:])
+        for m in metas:
+            per_video[m["video_id"]] += 1
+            words.append(len(m["caption"].split()))
+            tokens.append(len(tokenizer.encode(m["caption"])))
+    seconds = time.perf_counter() - start
+
+    def spread(xs) -> dict:
+        return {"min": min(xs), "mean": round(statistics.fmean(xs), 2), "max": max(xs)} if xs else None
+
+    return {
+        "shards": shards,
+        "task": "retrieval",
+        "clips": clips,
+        "videos": len(per_video),
+        "captions": clips,
+        "captions_per_video": spread(list(per_video.values())),
+        "caption_words": spread(words),
+        "caption_tokens": spread(tokens),
+        "max_words": max_words,
+        "truncated": sum(n > max_words - 2 for n in tokens),
+        "skipped": loader.skipped.count,
+        "skipped_samples": [{"key": k, "reason": r} for k, r in loader.skipped.samples],
+        "skip_reasons": dict(loader.skipped.reasons),
+        "clips_per_s": round(clips / seconds, 2) if seconds > 0 else 0.0,
+        "seconds": round(seconds, 3),
+        "video_shape": shape,
+    }
+
+
 def format_stats(report: dict) -> str:
+    what = "pairs" if report.get("task") == "retrieval" else "clips"
     lines = [
         f"shards:   {report['shards']}",
-        f"clips:    {report['clips']}  ({report['clips_per_s']} clips/s over {report['seconds']} s)",
+        f"{what + ':':<9} {report['clips']}  ({report['clips_per_s']} clips/s over {report['seconds']} s)",
         f"skipped:  {report['skipped']}",
     ]
     lines += [f"  {s['key']}: {s['reason']}" for s in report["skipped_samples"][:50]]
+    if report.get("task") == "retrieval":
+        fmt = lambda d: f"min {d['min']}, mean {d['mean']}, max {d['max']}" if d else "-"  # noqa: E731
+        lines += [
+            f"videos:   {report['videos']}",
+            f"captions: {report['captions']}  per video: {fmt(report['captions_per_video'])}",
+            f"caption words:  {fmt(report['caption_words'])}",
+            f"caption tokens: {fmt(report['caption_tokens'])}  (CLIP BPE; {report['truncated']} longer than the "
+            f"{report['max_words'] - 2} that max_words {report['max_words']} keeps)",
+        ]
+        return "\n".join(lines)
     lines.append("labels:")
     lines += [f"  {name}: {n}" for name, n in report["labels"].items()]
     return "\n".join(lines)

@@ -32,6 +32,11 @@ Rules (shared/RETRIEVAL_FEWSHOT.md §2.1b-2.2):
 - list FILE: `<file name> <0-based label>` lines (ViFi-CLIP's `train1_few_shot_K.txt`), matched to SRC clips by the
   file name of the packed path; an unknown name, a name that matches several clips or a label other than the
   clip's class is an error.
+
+Retrieval packs (index.json `"task": "retrieval"`: `--msrvtt/--msvd/--vatex`, `synth --captions`) have videos and
+captions, no classes: only `--percent p --rule random` applies (int(N p) videos, every caption of each kept); the
+other rules are an error. DST/index.json then holds `"task": "retrieval"` and `"captions"` (the kept videos'
+captions, so steps per epoch need no scan), DST/list.txt the kept video ids, one per line, and no labels.json.
 """
 
 from __future__ import annotations
@@ -60,9 +65,10 @@ class Clip:
     """One packed sample, read from the shard headers and its small members (no video bytes are read)."""
 
     key: str
-    label: int
-    name: str  # file name of the packed path (a frame folder's name for frame sequences)
+    label: int  # -1 in a retrieval pack
+    name: str  # file name of the packed path (a frame folder's name for frame sequences); a retrieval pack: video id
     shard: str  # shard file name inside SRC
+    captions: int = 0  # a retrieval pack: the sample's captions
 
 
 def read_clips(src: str | Path) -> tuple[list[Clip], list[str], dict]:
@@ -76,22 +82,33 @@ def read_clips(src: str | Path) -> tuple[list[Clip], list[str], dict]:
     src = Path(src)
     try:
         index = json.loads((src / "index.json").read_text())
-        labels = json.loads((src / "labels.json").read_text())
+        retrieval = index.get("task") == "retrieval"
+        labels = [] if retrieval else json.loads((src / "labels.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{src}: not an `i2v data pack` output directory (index.json, labels.json): {e}") from None
     if "subset" in index:
         raise ValueError(f"{src}: is itself a subset; give the pack output directory it was drawn from")
+    want = {"json"} if retrieval else {"cls", "json"}
     clips = []
     for shard in index["shards"]:
         found: dict[str, dict] = defaultdict(dict)
         with tarfile.open(src / shard, "r:") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
-                if ext in ("cls", "json"):
+                if ext in want:
                     found[key][ext] = tar.extractfile(member).read()
         for key, parts in found.items():
-            if set(parts) != {"cls", "json"}:
-                raise ValueError(f"{src / shard}: sample {key} lacks its cls or json member")
+            if set(parts) != want:
+                raise ValueError(f"{src / shard}: sample {key} lacks its {' or '.join(sorted(want))} member")
+            if retrieval:
+                from i2v.data.wds import caption_meta
+
+                try:
+                    meta = caption_meta(parts)
+                except ValueError as e:
+                    raise ValueError(f"{src / shard}: sample {key}: {e}") from None
+                clips.append(Clip(key, -1, meta["video_id"], shard, len(meta["captions"])))
+                continue
             path = json.loads(parts["json"]).get("path", key)
             clips.append(Clip(key, int(parts["cls"]), Path(path).name, shard))
     return clips, labels, index
@@ -123,12 +140,12 @@ def draw_percent(clips: list[Clip], labels: list[str], p: float, rule: str, seed
         raise ValueError(f"--percent: {p} must be in (0, 1]")
     if rule not in PERCENT_RULES:
         raise ValueError(f"--rule: {rule!r} is not one of {', '.join(PERCENT_RULES)}")
-    rng, groups, short = random.Random(seed), by_class(clips, len(labels)), []
-    n_classes = int(p * len(labels) + EPS)
-    if rule == "random":
+    rng, short = random.Random(seed), []
+    if rule == "random":  # the one rule without classes (retrieval packs)
         order = list(clips)
         rng.shuffle(order)
         return order[: int(len(clips) * p + EPS)], short
+    groups, n_classes = by_class(clips, len(labels)), int(p * len(labels) + EPS)
     if rule in ("first", "per_class"):
         quota = int(len(clips) * p + EPS) // len(labels)
         chosen = []
@@ -204,7 +221,14 @@ def make_subset(
         raise ValueError(f"{out}: the subset directory must differ from the source pack")
     if (out / "index.json").is_file() and "subset" not in json.loads((out / "index.json").read_text()):
         raise ValueError(f"{out}: holds a pack, not a subset; choose another --out")
-    clips, labels, _ = read_clips(src)
+    clips, labels, src_index = read_clips(src)
+    retrieval = src_index.get("task") == "retrieval"
+    if retrieval and (percent is None or rule != "random"):
+        given = "--shots" if shots is not None else "--list" if list_path is not None else f"--rule {rule}"
+        raise ValueError(
+            f'{src}: a retrieval pack (index.json "task": "retrieval") has no classes, so {given} does not apply; '
+            "use --percent P (--rule random)"
+        )
     record: dict = {"source": os.path.relpath(src, out), "seed": seed}
     short: list = []
     if shots is not None:
@@ -225,13 +249,13 @@ def make_subset(
     keep = {c.key for c in chosen}
     chosen = [c for c in clips if c.key in keep]  # SRC order: shards are read in order, so are the clips
     if list_bytes is None:
-        list_bytes = "".join(f"{c.name} {c.label}\n" for c in chosen).encode()
+        list_bytes = "".join(f"{c.name}\n" if retrieval else f"{c.name} {c.label}\n" for c in chosen).encode()
     shards: dict[str, int] = {}
     for c in chosen:
         rel = os.path.relpath(src / c.shard, out)
         shards[rel] = shards.get(rel, 0) + 1
     counts = [0] * len(labels)
-    for c in chosen:
+    for c in chosen if not retrieval else ():
         counts[c.label] += 1
     record |= {
         "list": "list.txt",
@@ -239,16 +263,16 @@ def make_subset(
         "source_samples": len(clips),
         "short_classes": [{"class": labels[c], "clips": n, "quota": q} for c, n, q in short],
     }
-    index = {
-        "samples": len(chosen),
-        "shards": shards,
-        "classes": dict(zip(labels, counts, strict=True)),
-        "rejected": 0,
-        "subset": record | {"keys": [c.key for c in chosen]},
-    }
+    index = {"samples": len(chosen), "shards": shards}
+    if retrieval:
+        index |= {"task": "retrieval", "captions": sum(c.captions for c in chosen)}
+    else:
+        index["classes"] = dict(zip(labels, counts, strict=True))
+    index |= {"rejected": 0, "subset": record | {"keys": [c.key for c in chosen]}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "list.txt", list_bytes)
-    atomic_write(out / "labels.json", json.dumps(labels, indent=1).encode())
+    if not retrieval:
+        atomic_write(out / "labels.json", json.dumps(labels, indent=1).encode())
     atomic_write(out / "index.json", json.dumps(index, indent=1).encode())  # last: a complete subset has an index
     for c, n, q in short:
         _logger.warning("%s: class %r has %d clips, fewer than the per-class quota %d: all kept", out, labels[c], n, q)

@@ -248,8 +248,9 @@ def count_captions(shards: str) -> int:
     with contextlib.suppress(OSError, ValueError):
         index = json.loads(_read_sibling(shards, "index.json"))
         per, names = index.get("captions"), {u.rsplit("/", 1)[-1] for u in urls}
-        if isinstance(per, int) and names == set(index.get("shards", {})) and subset_keys(shards) is None:
-            return per  # the pack's total (`i2v data pack` / `synth --captions`), when every shard is named
+        keys = subset_keys(shards)
+        if isinstance(per, int) and (keys is not None or names == set(index.get("shards", {}))):
+            return per  # a pack's total when every shard is named (`i2v data pack`, `synth --captions`); a subset's
         if isinstance(per, dict) and names <= set(per):
             return sum(int(per[name]) for name in names)
     _logger.info('%s: counting captions by reading the shards (index.json has no "captions")', shards)

@@ -2,7 +2,8 @@
 
 The weakest temporal baseline: it is invariant to frame order, so it stays at chance on order-only tasks.
 With num_classes=0 (retrieval) it returns the frozen tower's per-frame embeddings through trainable copies of
-`ln_post` / `proj` (B, T, E): CLIP4Clip with a frozen ViT, the frame-averaging baseline (`retrieval.interaction`).
+`ln_post` / `proj` (B, T, E): CLIP4Clip with a frozen ViT, the frame-averaging baseline (`retrieval.interaction`);
+`full_finetune` (a subclass) back-propagates into the tower there too: CLIP4Clip itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class LinearProbe(VideoMethod):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         if not self.num_classes:  # the last block's class token of every frame, through ln_post / proj
-            with torch.no_grad():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_no_grad):  # full_finetune: grad
                 _, prefix = self.backbone(video, [len(self.backbone.blocks) - 1])
             return self.frame_proj(prefix[-1][:, :, 0])  # (B, T, E)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_no_grad):

@@ -79,7 +79,7 @@ class RetrievalModel(VideoMethod):
         if not hasattr(method, "frame_proj"):
             raise NotImplementedError(
                 f"method.name: {cfg.method.name} has no retrieval output (per-frame embeddings); task: retrieval "
-                f"works with side4video and linear_probe"
+                f"works with side4video, linear_probe and full_finetune"
             )
         del method._modules["backbone"]
         method.__dict__["backbone"] = backbone  # a reference, not a second registration
@@ -98,17 +98,25 @@ class RetrievalModel(VideoMethod):
         if cfg.backbone.partition == "zero3":  # DeepSpeed partitions a parameter through a flat byte view
             for p in method.parameters():  # (Side4Video keeps its temporal convs channels-last for DDP)
                 p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device).copy_(p.data)  # row-major strides
+        if not method.backbone_no_grad:  # its own ln_post / proj go unused (frame_proj copies them): no DDP grad
+            backbone.visual.ln_post.requires_grad_(False)
+            backbone.visual.proj.requires_grad_(False)
         clip = self.clip_parameters()
         text.tower.requires_grad_(False)
         for p in clip.values():
             p.requires_grad_(self.rcfg.clip_train != "frozen")
 
     def clip_parameters(self) -> dict[str, nn.Parameter]:
-        """The CLIP parts (name -> parameter) that `retrieval.clip_train` / `coef_lr` govern."""
+        """The CLIP parts (name -> parameter) that `retrieval.clip_train` / `coef_lr` govern; with a method that
+        back-propagates into the vision tower (full_finetune: CLIP4Clip), the tower's blocks and embeddings too."""
+        vision = not self.method.backbone_no_grad
+        unused = ("backbone.visual.ln_post.", "backbone.visual.proj")
         return {
             n: p
             for n, p in self.named_parameters()
-            if n.startswith(("text.", "method.frame_proj.")) or n == "logit_scale"
+            if n.startswith(("text.", "method.frame_proj."))
+            or n == "logit_scale"
+            or (vision and n.startswith("backbone.") and not n.startswith(unused))
         }
 
     def lr_scales(self) -> dict[str, float]:
