@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from i2v.layers import ConvGLU3d, LocalCorrelation, from_video_grid, linear_head
+from i2v.layers import ConvGLU3d, LocalCorrelation, from_video_grid, linear_head, to_video_grid
 from i2v.methods import register_method
 from i2v.methods.base import VideoMethod
 
@@ -70,10 +70,11 @@ class MAdapterLevel(nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        self.grid = grid
         self.fuse = nn.Sequential(nn.LayerNorm(D, **dd), nn.Linear(D, d, **dd))
         self.ln_corr = nn.LayerNorm(d, **dd)
         self.corr = LocalCorrelation(d, heads, grid, **dd)
-        self.ln_st = nn.LayerNorm(d, **dd)
+        self.bn_st = nn.BatchNorm3d(d, **dd)
         self.st = ConvGLU3d(d, d, grid, (kernel_t, 3, 3), **dd)
         self.ln_q, self.ln_kv = nn.LayerNorm(d, **dd), nn.LayerNorm(d, **dd)
         self.pool = nn.MultiheadAttention(d, heads, batch_first=True, **dd)
@@ -89,7 +90,7 @@ class MAdapterLevel(nn.Module):
         s = f if s is None else s + f
         c, p = s[:, :1], s[:, 1:]  # (B*T, 1, d), (B*T, L, d)
         p = p + self.corr(self.ln_corr(p), T)
-        p = p + self.st(self.ln_st(p), T)
+        p = p + self.st(from_video_grid(self.bn_st(to_video_grid(p, T, self.grid))), T)
         kv = self.ln_kv(p)
         c = c + self.pool(self.ln_q(c), kv, kv, need_weights=False)[0]
         c = c.unflatten(0, (-1, T)).squeeze(2) + self.pos_t  # (B, T, d)
@@ -118,8 +119,9 @@ class MAdapter(VideoMethod):
         if self.pixel_level:
             P = backbone.image_size[0] // backbone.grid_size[0]  # the tower's patch size: a pixel token per patch token
             self.pixel_embed = nn.Conv3d(3, d, (3, P, P), stride=(1, P, P), padding=(1, 0, 0))
-            self.pixel_norm = nn.LayerNorm(d)
-        self.norm = nn.LayerNorm(d)
+            self.pixel_norm = nn.BatchNorm3d(d)
+        self.grid = backbone.grid_size
+        self.post_bn = nn.BatchNorm3d(d)
         self.head = linear_head(2 * d, num_classes, cfg.head_dropout)
 
     def no_weight_decay(self) -> set[str]:
@@ -129,13 +131,14 @@ class MAdapter(VideoMethod):
         B, T = video.shape[:2]
         with torch.no_grad():
             patches, prefix = self.backbone(video, self.indices)  # lists of (B, T, L, D), (B, T, 1, D)
-        dtype = self.norm.weight.dtype
+        dtype = self.post_bn.weight.dtype
         s = None
         if self.pixel_level:
-            pix = self.pixel_norm(from_video_grid(self.pixel_embed(video.transpose(1, 2).to(dtype))))  # (B*T, L, d)
+            pix = from_video_grid(self.pixel_norm(self.pixel_embed(video.transpose(1, 2).to(dtype))))  # (B*T, L, d)
             s = torch.cat([pix.new_zeros(pix.shape[0], 1, pix.shape[2]), pix], dim=1)
         for level, p, c in zip(self.levels, patches, prefix, strict=True):
             s = level(s, torch.cat([c[:, :, :1], p], dim=2).flatten(0, 1).to(dtype), T)
-        s = self.norm(s).unflatten(0, (B, T))  # (B, T, 1+L, d)
-        pooled = torch.cat([s[:, :, 0].mean(1), s[:, :, 1:].mean((1, 2))], dim=-1)  # (B, 2d)
+        cls = s[:, 0].unflatten(0, (B, T)).mean(1)  # (B, d)
+        patches = self.post_bn(to_video_grid(s[:, 1:], T, self.grid)).mean((2, 3, 4))  # (B, d)
+        pooled = torch.cat([cls, patches], dim=-1)  # (B, 2d)
         return self.head(pooled)
