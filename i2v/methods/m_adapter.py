@@ -7,15 +7,15 @@ never enter the backbone. No code, widths, tap layers or head are published, so 
 frame-to-frame correlation, Side4Video for the side state, TransNeXt's ConvGLU for the space-time mixer):
 
     taps at K levels (default every 3rd block, ending at the last); branch state s (B*T, 1+L, d) = [class ; patches]
-    level 0 (pixels, `pixel_embed`): s = [0 ; LN(Conv3d_(3,P,P), stride (1,P,P)(video))]   P: the tower's patch size
+    level 0 (pixels, `pixel_embed`): s = [0 ; BN3d(Conv3d_(3,P,P), stride (1,P,P)(video))]   P: the tower's patch size
     for level k = 1..K:
       fusion    s = s + f_k                           f_k = Linear(LN(tap_k)): the level's tokens, projected
       temporal  p += LocalCorr(LN(p))                 patches: softmax_o(z_t(i) . z_t+1(i+o)), o in a 3x3 window
-                p += ConvGLU3d(LN(p))                 patches: fc1 -> GELU(DWConv3d_(k_t,3,3)(a)) * v -> fc2
+                p += ConvGLU3d(BN3d(p))               patches: fc1 -> GELU(DWConv3d_(k_t,3,3)(a)) * v -> fc2
                 c += MHA(LN(c), LN(p_t))              each frame's class token attends over that frame's patches
                 c += MHA_T(LN(c + pos_t))             class tokens attend over time
                 p += Linear(LN(c_t))                  each frame's clip-aware class token, broadcast to its patches
-    -> LN -> [mean over T of class tokens ; mean over T, L of patches] -> Dropout -> Linear -> (B, K)
+    -> [mean over T of class tokens ; mean over T, H, W of BN3d(patches)] -> Dropout -> Linear -> (B, K)
 
 Why each choice (the first reconstruction could not tell a clip from its time reversal, i2v issue 15):
 - Motion is read from the patch tokens, nonlinearly, before any pooling. A linear space-time filter followed by a
@@ -26,14 +26,23 @@ Why each choice (the first reconstruction could not tell a clip from its time re
 - The two streams interact both ways at every level: the class token pools its frame's patches by attention
   (content-dependent, so the position of what moves reaches the temporal attention), and the class tokens, after
   attending over time, are broadcast back into the patches that the next level's modules process.
-- The lowest "level" is the input itself: a Conv3d patch embedding of the raw clip (kernel (3, P, P), as
-  Side4Video's side patch embedding, LayerNorm instead of its BatchNorm) starts the patch state, and each tapped
-  level's fusion adds to it. The frozen tower's tokens are made for still images; where an object moves less than a
-  patch per frame (the synthetic benchmark: 8-pixel patches, random-init tower) they blur the motion, while the
-  pixel embedding sees it in its 3-frame kernel. Smoke benchmark (move left / right, 4 epochs, Ray): 0.898 val top-1
-  without it, 1.000 with it. It is a trade-off, not a free gain: on the 8-class synthetic set (rotations, grow /
-  shrink, appear / disappear) the same recipe reached 0.379 without it and 0.137 with it (0.184 with the pixel LN
-  starting at a tap fusion's scale), Side4Video 0.555. So it is a switch (`method.pixel_embed`, on by default).
+- The lowest "level" is the input itself: a Conv3d patch embedding of the raw clip (kernel (3, P, P) + BatchNorm3d,
+  Side4Video's side patch embedding) starts the patch state, and each tapped level's fusion adds to it. The frozen
+  tower's tokens are made for still images; where an object moves less than a patch per frame (the synthetic
+  benchmark: 8-pixel patches, random-init tower) they blur the motion, while the pixel embedding sees it in its
+  3-frame kernel. Smoke benchmark (move left / right, 4 epochs, Ray): 0.898 val top-1 without it, 1.000 with it.
+  `method.pixel_embed=false` turns it off (the taps alone). As in Side4Video, the conv's bias is redundant before the
+  BatchNorm (its gradient is 0 up to rounding); it is kept so the layer is the reference's.
+- BatchNorm3d, not LayerNorm, on the patch tokens where they enter a space-time filter or the pooling (the pixel
+  embedding, the ConvGLU's input, before the mean): LayerNorm normalises each token over its channels, so on a clip
+  that is mostly static background every token keeps the same large common component and the few tokens of the moving
+  object barely move the mean; BatchNorm centres each channel over the batch and all positions, so what the pooled
+  feature keeps is what differs between clips. Measured on the 8-class synthetic set (rotations, grow / shrink,
+  appear / disappear; 4 epochs, lr 2e-3, in-process replica of the 2-worker run, width 64): LayerNorm everywhere
+  0.188; BN on the pixel embedding only 0.266; BN before the pooling only 0.211; both 0.504; both + before the ConvGLU
+  0.621 (0.578 at the default width 384; Side4Video 0.570 in the same replica). BN before the correlation instead of
+  LN, an MLP per level, or pooling the patches alone did not help (0.32-0.41 where measured). The class tokens are
+  pooled as they are (their path ends in residual attention outputs; they carry the clip-level temporal attention).
 - Levels are combined hierarchically by addition: each level's fusion feeds the state that the previous levels'
   temporal modules produced, and the last state is pooled. All pre-norm residual; no gates and no zero-initialised
   projections, so every parameter of every level receives a gradient from the first step (tested; a zero gate on a
@@ -41,7 +50,8 @@ Why each choice (the first reconstruction could not tell a clip from its time re
   (`lecun_normal_`): with PyTorch's default init the softmax starts flat and the gated product nearly linear, and
   learning stalled for the first epochs. `pos_t` starts at zero (it still receives a gradient).
 - Memory: the backbone runs under `no_grad` (nothing of it is kept for backward); each level keeps its LayerNorm'd tap
-  and a few (B*T, L, d) tensors of its own, so the branch stays far below in-block adapters (`i2v bench train`).
+  and a few (B*T, L, d) tensors of its own (a BatchNorm keeps its input, as the LayerNorm it replaced did), so the
+  branch stays far below in-block adapters (`i2v bench train`).
 """
 
 from __future__ import annotations
