@@ -137,8 +137,8 @@ class Side4VideoCfg(MethodCfg):
     # false: plain autograd (the reference path; the EVA variant and SyncBatchNorm always use it).
     lean_activations: bool = True
     # SyncBatchNorm in the side network: batch statistics over all ranks, for small per-GPU batches (EVA02-E-14 at
-    # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). Side4Video is the only
-    # method with BatchNorm, so the other methods have no such key.
+    # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). Only Side4Video has this key
+    # (M-adapter's BatchNorms use per-rank statistics).
     sync_bn: bool = False
 
 
@@ -152,8 +152,8 @@ class MAdapterCfg(MethodCfg):
     indices: list[int] | int | None = None  # tapped levels; None = every 3rd block ending at the last one
     kernel_t: int = 3  # temporal size of the ConvGLU's depthwise space-time kernel (kernel_t, 3, 3)
     num_heads: int = 6  # heads of the class-token attentions (over patches, over time) and the local correlation
-    # the branch's own Conv3d patch embedding of the clip starts its patch state; false = the taps alone (README:
-    # the smoke benchmark needs it, the 8-class synthetic set does better without it)
+    # the branch's own Conv3d patch embedding (+ BatchNorm3d) of the clip starts its patch state; false = the taps
+    # alone (README: the smoke benchmark needs it)
     pixel_embed: bool = True
 
 

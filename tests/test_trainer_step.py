@@ -26,8 +26,8 @@ B, T = 2, 4
 def test_gradient_accumulation_steps_once_with_the_big_batch_gradient():
     video, label = torch.randn(8, 4, 3, 32, 32), torch.randint(0, 5, (8,))
     seen = []  # gradients at the moment the optimizer steps
-    for accum in (1, 2):
-        cfg = tiny_cfg("m_adapter", "method.head_dropout=0.0", f"train.accum_steps={accum}", "train.grad_clip=0")
+    for accum in (1, 2):  # a method without batch statistics (BatchNorm sees a different batch in each half)
+        cfg = tiny_cfg("st_adapter", "method.head_dropout=0.0", f"train.accum_steps={accum}", "train.grad_clip=0")
         t = Trainer(cfg, torch.device("cpu"), rank=0, world=1, steps_per_epoch=8)
         before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
         steps = []
