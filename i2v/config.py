@@ -137,8 +137,7 @@ class Side4VideoCfg(MethodCfg):
     # false: plain autograd (the reference path; the EVA variant and SyncBatchNorm always use it).
     lean_activations: bool = True
     # SyncBatchNorm in the side network: batch statistics over all ranks, for small per-GPU batches (EVA02-E-14 at
-    # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). Only Side4Video has this key
-    # (M-adapter's BatchNorms use per-rank statistics).
+    # 1-2 clips per GPU). GPU workers only (torch's SyncBatchNorm does not train on CPU). M-adapter has the same key.
     sync_bn: bool = False
 
 
@@ -155,6 +154,9 @@ class MAdapterCfg(MethodCfg):
     # the branch's own Conv3d patch embedding (+ BatchNorm3d) of the clip starts its patch state; false = the taps
     # alone (README: the smoke benchmark needs it)
     pixel_embed: bool = True
+    # SyncBatchNorm in the branch (its BatchNorm3d layers): batch statistics over all ranks, as Side4Video's key.
+    # GPU workers only. false = per-rank statistics (rank 0's running statistics are the ones checkpointed).
+    sync_bn: bool = False
 
 
 METHOD_CFGS: dict[str, type[MethodCfg]] = {

@@ -259,9 +259,10 @@ def test_each_rank_restores_its_own_rng_state(two_ranks):
     assert sorted(p.name for p in (tmp / "rng_test" / "rng").iterdir()) == ["rank_000.pt", "rank_001.pt"]
 
 
-def test_sync_bn_converts_the_side_networks_batchnorm_with_the_same_checkpoint_keys():
-    plain = Trainer(tiny_cfg("side4video"), torch.device("cpu"), 0, 1, STEPS)
-    synced = Trainer(tiny_cfg("side4video", "method.sync_bn=true"), torch.device("cpu"), 0, 1, STEPS)
+@pytest.mark.parametrize("method", ["side4video", "m_adapter"])
+def test_sync_bn_converts_the_side_networks_batchnorm_with_the_same_checkpoint_keys(method):
+    plain = Trainer(tiny_cfg(method), torch.device("cpu"), 0, 1, STEPS)
+    synced = Trainer(tiny_cfg(method, "method.sync_bn=true"), torch.device("cpu"), 0, 1, STEPS)
     bn = [m for m in plain.model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
     sync = [m for m in synced.model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert bn and len(sync) == len(bn) and not any(type(m) is torch.nn.BatchNorm3d for m in synced.model.modules())
