@@ -268,8 +268,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     print(format_stats(report))
     if args.json:
+        from i2v.files import atomic_write
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        atomic_write(args.json, json.dumps(report, indent=1))
     return 0
 
 
