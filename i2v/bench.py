@@ -769,14 +769,19 @@ def plot_train(records: list[dict], path: Path) -> None:
     atomic_savefig(fig, path, dpi=110)  # closes it
 
 
-def write_outputs(records: list[dict] | dict, json_path: str | Path, kind: str) -> list[Path]:
-    """Writes PATH (JSON), PATH.md (Markdown table) and, for training, PATH.png, each atomically; returns the paths."""
-    markdown = {
+def markdown_of(kind: str):
+    """The Markdown table function of a bench kind (train, infer, cohort, retrieval)."""
+    return {
         "train": markdown_train,
         "infer": markdown_infer,
         "cohort": markdown_cohort,
         "retrieval": markdown_retrieval,
     }[kind]
+
+
+def write_outputs(records: list[dict] | dict, json_path: str | Path, kind: str) -> list[Path]:
+    """Writes PATH (JSON), PATH.md (Markdown table) and, for training, PATH.png, each atomically; returns the paths."""
+    markdown = markdown_of(kind)
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(records, indent=2) + "\n")
@@ -870,6 +875,15 @@ def markdown_cohort(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _print_and_write(records: list[dict] | dict, json_path: str | None, kind: str) -> int:
+    """Prints the kind's Markdown table and, with --json, writes the outputs (`write_outputs`); exit code 0."""
+    print(markdown_of(kind)(records))
+    if json_path:
+        for p in write_outputs(records, json_path, kind):
+            print(f"wrote {p}")
+    return 0
+
+
 def _cohort_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = bench_cohort(
@@ -887,11 +901,7 @@ def _cohort_cmd(args: argparse.Namespace) -> int:
         amp=args.amp,
         project=args.project or None,
     )
-    print(markdown_cohort(result))
-    if args.json:
-        for p in write_outputs(result, args.json, "cohort"):
-            print(f"wrote {p}")
-    return 0
+    return _print_and_write(result, args.json, "cohort")
 
 
 def _retrieval_cmd(args: argparse.Namespace) -> int:
@@ -908,11 +918,7 @@ def _retrieval_cmd(args: argparse.Namespace) -> int:
         side_overrides=args.side_set,
         threads=args.threads,
     )
-    print(markdown_retrieval(records))
-    if args.json:
-        for p in write_outputs(records, args.json, "retrieval"):
-            print(f"wrote {p}")
-    return 0
+    return _print_and_write(records, args.json, "retrieval")
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -932,11 +938,7 @@ def _cmd(args: argparse.Namespace) -> int:
         threads=args.threads,
         **extra,
     )
-    print((markdown_train if kind == "train" else markdown_infer)(records))
-    if args.json:
-        for p in write_outputs(records, args.json, kind):
-            print(f"wrote {p}")
-    return 0
+    return _print_and_write(records, args.json, kind)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
