@@ -105,11 +105,11 @@ def test_a_retrieval_sweep_optimises_t2v_r1(tmp_path):
             self.metrics = {"done": True}
 
     results = [Result("aaaaa_00000", 16, [10.0, 20.0], [0.9, 0.9]), Result("bbbbb_00001", 48, [30.0, 25.0], [0.1, 0.1])]
-    rows = results_table(results, base, metric="t2v_r1")
+    rows = results_table(results, base)
     assert [(r["trial"], r["best_t2v_r1"]) for r in rows] == [("bbbbb_00001", 30.0), ("aaaaa_00000", 20.0)]
     model = get_task(base).build_model(base, load_backbone(base.backbone, device="meta"))  # width 32
     assert rows[0]["trainable_params"] > sum(p.numel() for p in model.method.parameters() if p.requires_grad) > 0
-    write_outputs(rows, tmp_path, base, "t2v_r1")
+    write_outputs(rows, tmp_path, base)
     assert read_rows(tmp_path)[0]["best_t2v_r1"] == "30.0"
     best = (tmp_path / "best.yaml").read_text()
     assert best.startswith("# Best trial bbbbb_00001") and "(t2v_r1 30.0000)" in best

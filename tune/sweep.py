@@ -295,8 +295,8 @@ def run_sweep(
             ),
         )
     results = tuner.fit()  # Ctrl-C: Tune stops the trials, saves the experiment and returns what it has
-    rows = results_table(results, base, cohorts, metric)
-    write_outputs(rows, out, load_config(config, list(overrides)), metric)
+    rows = results_table(results, base, cohorts)
+    write_outputs(rows, out, load_config(config, list(overrides)))
     # Interrupted: trials stopped mid-run, and grid points Tune had not generated yet (they have no row at all).
     configs = sum(map(len, cohorts)) if cohorts else plan.trials
     left = sum(r["status"] == "unfinished" for r in rows) + max(0, configs - len(rows))
@@ -320,17 +320,17 @@ def _cohorts(out: Path, params: dict, num_samples: int, size: int, base: Experim
     return cohorts
 
 
-def results_table(
-    results, base: ExperimentCfg, cohorts: list[list[dict]] | None = None, metric: str = "val_top1"
-) -> list[dict]:
-    """One row per configuration: its hyperparameters, best `metric` (column `best_<metric>`), peak memory, clips/s,
-    trainable params, status (a cohort trial gives one row per member, and the `cohort` column names the trial its
-    members shared); best first."""
+def results_table(results, base: ExperimentCfg, cohorts: list[list[dict]] | None = None) -> list[dict]:
+    """One row per configuration: its hyperparameters, best sweep metric of `base`'s task (`sweep_metric`, column
+    `best_<metric>`), peak memory, clips/s, trainable params, status (a cohort trial gives one row per member, and
+    the `cohort` column names the trial its members shared); best first."""
     from i2v.backbone import load_backbone
     from i2v.tasks import get_task
 
     def create_model(cfg: ExperimentCfg, device: str):  # the task's model (retrieval: + text tower, WTI)
         return get_task(cfg).build_model(cfg, load_backbone(cfg.backbone, device=device))
+
+    metric = sweep_metric(base)[0]
 
     # A Result carries no trial status, and a restored experiment may hold a finished trial's last result from before
     # its final report (no `done`): Tune's own trial status is the record (a private attribute, hence the fallback).
@@ -409,8 +409,10 @@ def write_csv(rows: list[dict], path: Path) -> list[str]:
     return keys
 
 
-def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg, metric: str = "val_top1") -> None:
-    """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically."""
+def write_outputs(rows: list[dict], out: Path, best_base: ExperimentCfg) -> None:
+    """results.csv, results.md (also printed), best.yaml and sweep.png, each written atomically; rows ranked by
+    `best_base`'s sweep metric (`sweep_metric`)."""
+    metric = sweep_metric(best_base)[0]
     keys = write_csv(rows, out / "results.csv")
     md = markdown(rows, keys)
     if any("cohort" in r for r in rows):
