@@ -182,9 +182,8 @@ def run_eval(checkpoint: str, config: str | None, overrides: list[str], out: str
 def _run_retrieval_eval(model, cfg: ExperimentCfg, loader, device, autocast, out: str | Path) -> dict:
     """`i2v eval` of a retrieval checkpoint: the ten figures, counts and chance on data.val_shards, as
     OUT/summary.json (and the similarity matrix with `retrieval.save_sim`); OUT defaults to <checkpoint dir>/eval."""
-    import numpy as np
-
     from i2v.tasks.retrieval import evaluate as retrieval_evaluate
+    from i2v.tasks.retrieval import write_sim
 
     mean, std = model.backbone.mean, model.backbone.std
     metrics, sim, ids = retrieval_evaluate(
@@ -195,8 +194,7 @@ def _run_retrieval_eval(model, cfg: ExperimentCfg, loader, device, autocast, out
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "summary.json", json.dumps(metrics, indent=1) + "\n")
     if cfg.retrieval.save_sim:
-        np.save(out_dir / "sim.npy", sim.numpy())
-        atomic_write(out_dir / "sim_video_ids.json", json.dumps(ids) + "\n")
+        write_sim(out_dir / "sim.npy", sim, ids)
     metrics["out"] = str(out_dir)
     return metrics
 

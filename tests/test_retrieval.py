@@ -216,6 +216,17 @@ def test_metrics_follow_the_reference_multi_caption_conventions():
     assert ours["t2v_r1"] > 3 * ours["chance_r1"]
 
 
+def test_tied_scores_count_as_random_tie_breaking_not_as_hits():
+    """A model that scores every video alike is at chance (the reference's first-match rule would give R@1 = 100),
+    and a caption tied with one other video (an order-invariant model on a time-reversed pair) gets half a hit."""
+    flat = retrieval_metrics(torch.zeros(6, 6), torch.arange(6))
+    assert flat["t2v_r1"] == pytest.approx(100 / 6) and flat["t2v_r5"] == pytest.approx(500 / 6)
+    assert flat["t2v_r10"] == 100 and flat["t2v_mnr"] == pytest.approx(3.5) and flat["v2t_r1"] == pytest.approx(100 / 6)
+    sim = torch.eye(4) + torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0.5], [0, 0, 0.5, 0]])  # pair 0-1 tied
+    m = retrieval_metrics(sim, torch.arange(4))
+    assert m["t2v_r1"] == pytest.approx(75.0) and m["t2v_mnr"] == pytest.approx(1.25) and m["t2v_mdr"] == 1.25
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The all-gathered loss: 2 gloo processes == 1 process on the global batch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import open_clip
 import pytest
 from conftest import ROOT
@@ -44,6 +45,7 @@ def test_retrieval_run_eval_and_search(tmp_path, capsys):
             "train.epochs=2",
             "method.side_width=32",
             "method.side_head_dim=16",
+            "retrieval.save_sim=true",
         ],
     )
     out = tmp_path / "run"
@@ -56,6 +58,9 @@ def test_retrieval_run_eval_and_search(tmp_path, capsys):
     assert written["final_epoch"]["epoch"] == 2 and written["best_epoch"]["epoch"] in (1, 2)
     assert written["best_epoch"]["t2v_r1"] >= written["final_epoch"]["t2v_r1"]
     assert summary["t2v_r1"] == written["t2v_r1"] and 1 <= written["t2v_mdr"] <= 8
+    sim = np.load(out / "eval" / "sim_epoch_002.npy")  # retrieval.save_sim: the matrix of each epoch
+    assert sim.shape == (16, 8) and np.isfinite(sim).all()
+    assert len(json.loads((out / "eval" / "sim_video_ids.json").read_text())) == 8
 
     # i2v eval on the checkpoint (replicated model): the run's last evaluation (ZeRO-3 engine) up to near-ties of this
     # barely trained tiny model, i.e. one caption (T2V) or one video (V2T) either way

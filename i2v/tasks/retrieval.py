@@ -239,15 +239,19 @@ def contrastive_loss(out: dict, interaction: str) -> tuple[torch.Tensor, float]:
     return loss, correct
 
 
-def _ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0-based rank of column target[i] in row i: how many entries score strictly higher."""
+def _ranks(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where column target[i] stands in row i: (entries scoring strictly higher, other entries scoring the same)."""
     own = scores.gather(1, target[:, None])
-    return (scores > own).sum(1)
+    return (scores > own).sum(1), (scores == own).sum(1) - 1
 
 
-def _summarise(ranks: torch.Tensor) -> dict[str, float]:
-    r = ranks.double()
-    out = {f"r{k}": 100.0 * (r < k).double().mean().item() for k in (1, 5, 10)}
+def _summarise(ranks: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """R@1/5/10 (percent), MdR and MnR (1-based), ties broken at random in expectation: with g entries above and e
+    tied, the target is equally likely at each 0-based rank g..g+e. (The reference counts only the entries above,
+    so a model that scores everything alike would get R@1 = 100; exact ties are otherwise rare, and then both agree.)"""
+    g, e = (x.double() for x in ranks)
+    out = {f"r{k}": 100.0 * ((k - g).clamp(0).minimum(e + 1) / (e + 1)).mean().item() for k in (1, 5, 10)}
+    r = g + e / 2
     return out | {"mdr": float(np.median(r.numpy())) + 1, "mnr": r.mean().item() + 1}
 
 
@@ -362,9 +366,20 @@ def evaluate(
 # The task
 
 
+def write_sim(path: Path, sim: torch.Tensor, video_ids: list[str]) -> None:
+    """The (captions x videos) similarity matrix as `path` (.npy) and its column ids as sim_video_ids.json beside it,
+    each written to a temporary name first."""
+    from i2v.files import atomic_write
+
+    tmp = path.with_name(f".{path.name}")
+    np.save(tmp, sim.numpy())
+    tmp.replace(path)
+    atomic_write(path.with_name("sim_video_ids.json"), json.dumps(video_ids) + "\n")
+
+
 class RetrievalTask:
     name = "retrieval"
-    details: tuple[str, ...] = ()
+    details: tuple[str, ...] = ("sim", "sim_video_ids")  # with `retrieval.save_sim`: written, not reported
 
     def __init__(self, cfg: ExperimentCfg):
         self.cfg = cfg
@@ -410,8 +425,10 @@ class RetrievalTask:
 
     def evaluate(self, forward, loader, device, **kwargs) -> dict:
         metrics, sim, ids = evaluate(forward, loader, device, rcfg=self.cfg.retrieval, **kwargs)
-        self.last_sim, self.last_ids = sim, ids
-        return {f"val_{k}" if k in ("num_videos", "num_captions") else k: v for k, v in metrics.items()}
+        out = {f"val_{k}" if k in ("num_videos", "num_captions") else k: v for k, v in metrics.items()}
+        if self.cfg.retrieval.save_sim:
+            out |= {"sim": sim, "sim_video_ids": ids}
+        return out
 
     def write_details(self, run_dir: Path, metrics: dict, details: dict | None = None) -> None:
         """run_dir/eval/epoch_NNN.json (all metrics of the epoch; the driver picks the best epoch from these) and,
@@ -423,11 +440,8 @@ class RetrievalTask:
         text = json.dumps(metrics) + "\n"
         atomic_write(d / f"epoch_{metrics['epoch']:03d}.json", text)
         atomic_write(d / "latest.json", text)
-        if self.cfg.retrieval.save_sim and getattr(self, "last_sim", None) is not None:
-            tmp = d / f".sim_epoch_{metrics['epoch']:03d}.npy"
-            np.save(tmp, self.last_sim.numpy())
-            tmp.replace(d / f"sim_epoch_{metrics['epoch']:03d}.npy")
-            atomic_write(d / "sim_video_ids.json", json.dumps(self.last_ids) + "\n")
+        if details and "sim" in details:
+            write_sim(d / f"sim_epoch_{metrics['epoch']:03d}.npy", details["sim"], details["sim_video_ids"])
 
     @staticmethod
     def epoch_line(m: dict) -> str:
