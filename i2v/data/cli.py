@@ -95,7 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--classes", nargs="+", help="class names (space or comma separated); default: all 8")
     p.add_argument("--train", type=int, help="training clips (default 400; --captions: 256)")
     p.add_argument("--val", type=int, help="validation clips (default 100)")
-    p.add_argument("--test", type=int, help="--captions: test clips (default 64)")
+    p.add_argument("--test", type=int, help="--captions: test clips (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, help="frames per clip (default 16; --captions: 8)")
     p.add_argument("--size", type=int, help="height and width (default 64; --captions: 32)")
@@ -219,7 +219,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         shards = make_captioned(
             args.out,
             train=256 if args.train is None else args.train,
-            test=64 if args.test is None else args.test,
+            test=48 if args.test is None else args.test,
             seed=args.seed,
             frames=args.frames or 8,
             size=args.size or 32,

@@ -152,11 +152,17 @@ def claim_dir(out: Path, settings: dict) -> None:
     marker.write_text(json.dumps(settings, indent=1))
 
 
+# Every frame an I-frame at one fixed quantiser: each frame is coded on its own, so a clip played backwards decodes
+# to exactly the same frames in reverse order. With inter frames (and crf's look-ahead) the first frame is coded
+# sharper than the rest, which tells an order-invariant model where the motion starts.
+ENCODING: Final = {"qp": "20", "preset": "veryfast", "x264-params": "keyint=1"}
+
+
 def write_clip(path: Path, clip: np.ndarray, fps: float) -> None:
-    """Encodes a rendered clip as H.264 mp4 at `path` (temp name, then rename: no half-written file is left)."""
+    """Encodes a rendered clip as H.264 mp4 (`ENCODING`) at `path` (temp name, then rename: no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_video(clip, fps, options={"crf": "20", "preset": "veryfast"}))
+    tmp.write_bytes(encode_video(clip, fps, options=ENCODING))
     tmp.replace(path)
 
 
@@ -210,6 +216,7 @@ def make_synthetic(
         "frames": frames,
         "size": size,
         "fps": fps,
+        "encoding": ENCODING,
     }
     claim_dir(out, settings)
     patterns = []
