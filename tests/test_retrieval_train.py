@@ -46,6 +46,8 @@ def test_retrieval_run_eval_and_search(tmp_path, capsys):
             "method.side_width=32",
             "method.side_head_dim=16",
             "retrieval.save_sim=true",
+            "retrieval.interaction=wti",  # the reference's (the smoke config's mean is the simpler path)
+            "train.lr_mult={}",  # the text tower trains too (the smoke config locks it)
         ],
     )
     out = tmp_path / "run"
