@@ -56,15 +56,15 @@ def test_repeated_seed_protocol_gives_k_by_method_table(shards, ray_cluster, tmp
     probe.write_text(yaml.safe_dump(smoke | {"method": {"name": "linear_probe"}}))
     out = tmp_path / "protocol"
     source = str(ROOT / shards.train).rsplit("/", 1)[0]  # the pack output directory of the training split
-    argv = [str(ROOT / "configs/smoke.yaml"), str(probe), "--source", source, "--shots", "1", "2", "--repeats", "2"]
+    argv = [str(ROOT / "configs/smoke.yaml"), str(probe), "--source", source, "--shots", "1", "--repeats", "2"]
     settings = [f"data.val_shards={shards.val}", "data.size=32", "data.num_workers=0", "data.batch_size=2",
                 "backbone.partition=replicate", "train.num_workers=1", "train.epochs=1"]  # fmt: skip
     assert main([*argv, "--epochs", "repeat", "--max-concurrent", "4", "--out", str(out), "--set", *settings]) == 0
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), rows
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows  # one K keeps this test short
     assert {(r["method"], r["shots"], r["seed"]) for r in rows} == {
-        (m, k, s) for m in ("side4video", "linear_probe") for k in ("1", "2") for s in ("0", "1")
+        (m, "1", s) for m in ("side4video", "linear_probe") for s in ("0", "1")
     }
     for r in rows:
         summary = json.loads((tmp_path / r["run_dir"] / "summary.json").read_text())
@@ -80,7 +80,7 @@ def test_repeated_seed_protocol_gives_k_by_method_table(shards, ray_cluster, tmp
         assert summary["steps"] == rec["epoch_clips"] // 2 and 0 <= summary["val_top1"] <= 1
     md = (out / "results.md").read_text().splitlines()
     assert md[0] == "| K | linear_probe | side4video |"
-    assert md[2].startswith("| 1 | ") and md[3].startswith("| 2 | ") and md[2].count("± ") == 2 and "(n=2)" in md[3]
+    assert md[2].startswith("| 1 | ") and md[2].count("± ") == 2 and "(n=2)" in md[2]
     cells = json.loads((out / "protocol.json").read_text())["table"]
     for c in cells:
         vals = [float(r["val_top1"]) for r in rows if r["method"] == c["method"] and int(r["shots"]) == c["shots"]]
