@@ -247,8 +247,8 @@ def _ranks(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _summarise(ranks: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
     """R@1/5/10 (percent), MdR and MnR (1-based), ties broken at random in expectation: with g entries above and e
-    tied, the target is equally likely at each 0-based rank g..g+e. (The reference counts only the entries above,
-    so a model that scores everything alike would get R@1 = 100; exact ties are otherwise rare, and then both agree.)"""
+    tied, the target is equally likely at each 0-based rank g..g+e. The reference counts only the entries above, so
+    a model that scores everything alike would get R@1 = 100; without exact ties the two rules agree."""
     g, e = (x.double() for x in ranks)
     out = {f"r{k}": 100.0 * ((k - g).clamp(0).minimum(e + 1) / (e + 1)).mean().item() for k in (1, 5, 10)}
     r = g + e / 2
