@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from i2v.data.pack import pack
 from i2v.data.video import encode_video
+from i2v.files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -161,9 +162,7 @@ ENCODING: Final = {"qp": "20", "preset": "veryfast", "x264-params": "keyint=1"}
 def write_clip(path: Path, clip: np.ndarray, fps: float) -> None:
     """Encodes a rendered clip as H.264 mp4 (`ENCODING`) at `path` (temp name, then rename: no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_video(clip, fps, options=ENCODING))
-    tmp.replace(path)
+    atomic_write(path, encode_video(clip, fps, options=ENCODING))
 
 
 def make_synthetic(

@@ -368,12 +368,14 @@ def evaluate(
 
 def write_sim(path: Path, sim: torch.Tensor, video_ids: list[str]) -> None:
     """The (captions x videos) similarity matrix as `path` (.npy) and its column ids as sim_video_ids.json beside it,
-    each written to a temporary name first."""
+    each written atomically."""
+    import io
+
     from i2v.files import atomic_write
 
-    tmp = path.with_name(f".{path.name}")
-    np.save(tmp, sim.numpy())
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.save(buf, sim.numpy())
+    atomic_write(path, buf.getvalue())
     atomic_write(path.with_name("sim_video_ids.json"), json.dumps(video_ids) + "\n")
 
 
